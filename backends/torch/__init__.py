@@ -1,0 +1,192 @@
+"""PyTorch backend: CUDA (flash attention through `scaled_dot_product_attention`, optional `torch.compile`)
+or CPU. Parameters stay float32; the core casts them to the compute dtype inside the loss."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tinylm.errors import UserError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TorchOps:
+    """The operations `tinylm.model` and `tinylm.optim` are written against."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._rope_cache: dict = {}
+
+    def linear(self, x, w):
+        return F.linear(x, w)
+
+    def embed(self, table, ids):
+        return F.embedding(ids, table)
+
+    def rms_norm(self, x, weight, eps):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    def _rope_tables(self, t, offset, dim, theta, dtype):
+        key = (t + offset, dim, theta, dtype)
+        if key not in self._rope_cache:
+            inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=self.device) / dim))
+            angles = torch.outer(torch.arange(t + offset, dtype=torch.float32, device=self.device), inv)
+            self._rope_cache = {key: (angles.cos().to(dtype), angles.sin().to(dtype))}
+        cos, sin = self._rope_cache[key]
+        return cos[offset:], sin[offset:]
+
+    def rope(self, x, theta, offset=0):
+        # Rotates the two halves of each head (the Llama / `traditional=False` layout), like mx.fast.rope.
+        half = x.shape[-1] // 2
+        cos, sin = self._rope_tables(x.shape[-2], int(offset), x.shape[-1], float(theta), x.dtype)
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    def attention(self, q, k, v, scale, mask):
+        t, s = q.shape[-2], k.shape[-2]
+        gqa = q.shape[1] != k.shape[1]
+        if isinstance(mask, str):
+            if t == s:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+            # Queries continue a cached prefix: the causal diagonal sits at the bottom right.
+            mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+    def silu(self, x):
+        return F.silu(x)
+
+    def transpose(self, x, axes):
+        return x.permute(*axes)
+
+    def concat(self, xs, axis):
+        return torch.cat(xs, dim=axis)
+
+    def cast(self, x, dtype: str):
+        return x.to(_DTYPES[dtype])
+
+    def cross_entropy(self, logits, targets):
+        """Per-token negative log-likelihood in nats, computed in float32."""
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        return F.cross_entropy(flat, targets.reshape(-1), reduction="none").reshape(targets.shape)
+
+    def log_softmax(self, logits):
+        return F.log_softmax(logits.float(), dim=-1)
+
+    def sqrt(self, x):
+        return torch.sqrt(x)
+
+    def sum_squares(self, x):
+        return (x.float() * x.float()).sum()
+
+    def minimum(self, a, b):
+        return torch.minimum(a, b)
+
+    def scalar(self, value):
+        return torch.tensor(value, dtype=torch.float32, device=self.device)
+
+    def zeros_like(self, x):
+        return torch.zeros_like(x)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, dtype: str = "float32", compile: bool = False):
+        if dtype not in _DTYPES:
+            raise UserError(f"unknown dtype {dtype!r} (choose from {', '.join(_DTYPES)})")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype
+        self.use_compile = compile
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch.distributed.init_process_group(backend)
+            if torch.cuda.is_available():
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(self.device)
+        self.ops = TorchOps(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    @property
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return "cpu"
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def from_numpy(self, arrays: dict) -> dict:
+        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in arrays.items()}
+
+    def tokens(self, array: np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(self.device)
+
+    def to_numpy(self, tree: dict) -> dict:
+        return {k: v.detach().float().cpu().numpy() if v.dtype == torch.bfloat16 else v.detach().cpu().numpy()
+                for k, v in tree.items()}
+
+    def item(self, x) -> float:
+        return float(x)
+
+    def grad_step(self, fn):
+        """fn(params, *args) -> scalar becomes fn(params, *args) -> (scalar, grads) over the params dict.
+
+        With compile on, the forward is compiled by `torch.compile` and autograd differentiates the graph.
+        """
+        forward = torch.compile(fn) if self.use_compile else fn
+
+        def wrapped(params, *args):
+            leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            value = forward(leaves, *args)
+            grads = torch.autograd.grad(value, list(leaves.values()))
+            return value.detach(), dict(zip(leaves, grads))
+
+        return wrapped
+
+    def pure_step(self, fn):
+        """A function of arrays with no gradient (the optimizer update, evaluation), compiled if asked."""
+        inner = torch.compile(fn) if self.use_compile else fn
+
+        def wrapped(*args):
+            with torch.no_grad():
+                return inner(*args)
+
+        return wrapped
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def materialize(self, tree) -> None:
+        """Torch runs eagerly; nothing is pending."""
+
+    # Data parallelism under torchrun: gloo on CPU, NCCL on CUDA.
+    @property
+    def world_size(self) -> int:
+        return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+    def all_mean(self, grads: dict) -> dict:
+        if self.world_size == 1:
+            return grads
+        for g in grads.values():
+            torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.SUM)
+            g.div_(self.world_size)
+        return grads
+
+    def all_mean_scalar(self, x):
+        return self.all_mean({"x": x.clone()})["x"]
+
+    def peak_memory_bytes(self) -> int | None:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated())
+        return None

@@ -1,0 +1,148 @@
+"""Cleaning one source: normalization, length, exact and near deduplication, Gopher-style quality rules.
+
+Each removed document is counted under the first rule that removes it, so the report's counts add up:
+`input = kept + sum(removed)`. Rules run cheapest first; near-duplicate search (MinHash LSH) runs last, on
+the documents every other rule kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections import Counter
+
+from tinylm.data.config import CleanConfig
+from tinylm.errors import UserError
+
+RULES = (
+    "empty",
+    "too_short",
+    "exact_duplicate",
+    "mean_word_length",
+    "symbol_word_ratio",
+    "ellipsis_lines",
+    "repeated_ngrams",
+    "near_duplicate",
+)
+"""Removal rules in the order they are applied (the report lists them in this order)."""
+
+_WS = re.compile(r"\s+")
+_SYMBOL = re.compile(r"#+|\.\.\.|\u2026")
+_PUNCT_EDGES = re.compile(r"^\W+|\W+$")
+
+
+def normalize(text: str) -> str:
+    """NFC: the one form every stored document is in."""
+    return unicodedata.normalize("NFC", text)
+
+
+def dedup_key(text: str) -> bytes:
+    """Documents that differ only in case and spacing count as the same."""
+    return hashlib.blake2b(_WS.sub(" ", text.casefold()).strip().encode(), digest_size=16).digest()
+
+
+def quality_failure(text: str, cfg: CleanConfig) -> str | None:
+    """The first Gopher-style rule the document breaks, or None."""
+    words = text.split()
+    if not words:
+        return "mean_word_length"
+    bare = [w for w in (_PUNCT_EDGES.sub("", w) for w in words) if w]
+    mean_len = sum(map(len, bare)) / len(bare) if bare else 0.0
+    if not cfg.min_mean_word_length <= mean_len <= cfg.max_mean_word_length:
+        return "mean_word_length"
+    if len(_SYMBOL.findall(text)) / len(words) > cfg.max_symbol_word_ratio:
+        return "symbol_word_ratio"
+    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
+    if lines:
+        ellipsis = sum(ln.endswith(("...", "\u2026")) for ln in lines)
+        if ellipsis / len(lines) > cfg.max_ellipsis_line_share:
+            return "ellipsis_lines"
+    if repeated_ngram_share(words, cfg.repeated_ngram_n) > cfg.max_repeated_ngram_share:
+        return "repeated_ngrams"
+    return None
+
+
+def repeated_ngram_share(words: list[str], n: int) -> float:
+    """Share of word characters inside word n-grams that occur more than once in the document."""
+    if len(words) < n or n <= 0:
+        return 0.0
+    lowered = [w.lower() for w in words]
+    grams = [tuple(lowered[i : i + n]) for i in range(len(lowered) - n + 1)]
+    counts = Counter(grams)
+    covered = [False] * len(words)
+    for i, g in enumerate(grams):
+        if counts[g] > 1:
+            for j in range(i, i + n):
+                covered[j] = True
+    total = sum(map(len, words))
+    return sum(len(w) for w, c in zip(words, covered) if c) / total if total else 0.0
+
+
+def _shingles(text: str, n: int) -> list[bytes]:
+    words = _WS.sub(" ", text.casefold()).split()
+    if len(words) <= n:
+        return [" ".join(words).encode()]
+    return list({" ".join(words[i : i + n]).encode() for i in range(len(words) - n + 1)})
+
+
+def near_duplicates(docs: list[str], cfg: CleanConfig, seed: int = 1) -> list[bool]:
+    """For each document, whether an earlier kept document is a near-duplicate of it (MinHash LSH)."""
+    try:
+        from datasketch import MinHash, MinHashLSH
+    except ImportError:
+        raise UserError("near-duplicate removal needs datasketch (pip install datasketch), or set "
+                        "data.clean.near_dedup = false") from None
+    if not 0 < cfg.near_dedup_threshold < 1:
+        raise UserError(f"data.clean.near_dedup_threshold must be between 0 and 1, got {cfg.near_dedup_threshold}")
+    lsh = MinHashLSH(threshold=cfg.near_dedup_threshold, num_perm=cfg.near_dedup_num_perm)
+    template = MinHash(num_perm=cfg.near_dedup_num_perm, seed=seed)
+    signatures: dict[int, MinHash] = {}
+    out = []
+    for i, text in enumerate(docs):
+        mh = template.copy()
+        mh.update_batch(_shingles(text, cfg.near_dedup_shingle))
+        # LSH only proposes candidates; confirm with the estimated Jaccard so the threshold means what it says.
+        dup = any(mh.jaccard(other) >= cfg.near_dedup_threshold for other in
+                  (signatures[k] for k in lsh.query(mh))) if i else False
+        if not dup:
+            lsh.insert(i, mh)
+            signatures[i] = mh
+        out.append(dup)
+    return out
+
+
+def clean_documents(docs: list[str], cfg: CleanConfig, quality: bool) -> tuple[list[str], dict]:
+    """The kept documents (NFC, in input order) and a report: input, kept, nfc_changed and one count per rule."""
+    removed = dict.fromkeys(RULES, 0)
+    nfc_changed = 0
+    kept: list[str] = []
+    seen: set[bytes] = set()
+    for raw in docs:
+        text = normalize(raw)
+        nfc_changed += text != raw
+        stripped = text.strip()
+        if not stripped:
+            removed["empty"] += 1
+            continue
+        if len(stripped) < cfg.min_chars or len(stripped.split()) < cfg.min_words:
+            removed["too_short"] += 1
+            continue
+        if cfg.exact_dedup:
+            key = dedup_key(stripped)
+            if key in seen:
+                removed["exact_duplicate"] += 1
+                continue
+            seen.add(key)
+        if quality:
+            rule = quality_failure(stripped, cfg)
+            if rule:
+                removed[rule] += 1
+                continue
+        kept.append(text)
+    if cfg.near_dedup and len(kept) > 1:
+        flags = near_duplicates(kept, cfg)
+        removed["near_duplicate"] = sum(flags)
+        kept = [t for t, dup in zip(kept, flags) if not dup]
+    report = {"input": len(docs), "kept": len(kept), "nfc_changed": nfc_changed, "removed": removed}
+    return kept, report

@@ -1,0 +1,305 @@
+"""Built-in synthetic sources: seeded generators of verifiable reasoning problems and of plain prose.
+
+Every generator draws `Problem`s. A problem belongs to the train or the test split according to a hash of its
+prompt, never according to the draw, so the two splits cannot share a prompt whatever the seeds, sizes and
+difficulties asked for (`check_disjoint` verifies it). Worked solutions end in a line `#### <answer>`, the
+GSM8K convention, so one answer extractor serves every family.
+
+The evaluation harness calls `problems(family, split="test")`; sources call `documents(...)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+VERSION = 1
+"""Bumped whenever a generator's output changes, so prepared data made with the old one is rebuilt."""
+
+TEST_PERCENT = 10
+"""Share (in percent) of the prompt space that belongs to the test split."""
+
+ANSWER_PREFIX = "#### "
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A prompt with a verifiable answer and the worked solution a model should learn to write."""
+
+    prompt: str
+    solution: str
+    """Reasoning lines ending in `#### <answer>`."""
+    answer: str
+    family: str
+
+    def text(self) -> str:
+        """The plain-text (pretraining) form."""
+        return f"{self.prompt}\n{self.solution}"
+
+    def messages(self) -> list[dict[str, str]]:
+        """The chat (SFT) form."""
+        return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.solution}]
+
+
+def split_of(family: str, prompt: str) -> str:
+    digest = hashlib.blake2b(f"{family}\x00{prompt}".encode(), digest_size=8).digest()
+    return "test" if int.from_bytes(digest, "little") % 100 < TEST_PERCENT else "train"
+
+
+def extract_answer(text: str) -> str | None:
+    """The answer after the last `#### ` line of a completion (GSM8K style), or None if there is none."""
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("####"):
+            return line[4:].strip().replace(",", "")
+    return None
+
+
+def _finish(lines: list[str], answer) -> str:
+    return "\n".join(lines + [f"{ANSWER_PREFIX}{answer}"])
+
+
+# --- arithmetic -------------------------------------------------------------------------------------------
+
+def _digits_for(difficulty: int) -> int:
+    return 1 + max(1, min(difficulty, 5))
+
+
+def _column_add(a: int, b: int) -> list[str]:
+    lines, carry, place = [], 0, 0
+    names = ["ones", "tens", "hundreds", "thousands", "ten thousands", "hundred thousands", "millions"]
+    x, y = a, b
+    while x or y or carry:
+        da, db = x % 10, y % 10
+        total = da + db + carry
+        extra = f" + {carry} carried" if carry else ""
+        new_carry = total // 10
+        step = f"{names[min(place, len(names) - 1)].capitalize()}: {da} + {db}{extra} = {total}, write {total % 10}"
+        lines.append(step + (f", carry {new_carry}." if new_carry else "."))
+        carry, x, y, place = new_carry, x // 10, y // 10, place + 1
+    return lines
+
+
+def _column_sub(a: int, b: int) -> list[str]:
+    lines, borrow, place = [], 0, 0
+    names = ["ones", "tens", "hundreds", "thousands", "ten thousands", "hundred thousands", "millions"]
+    x, y = a, b
+    while x:
+        da, db = x % 10, y % 10
+        top = da - borrow
+        name = names[min(place, len(names) - 1)].capitalize()
+        if top < db:
+            lines.append(f"{name}: {top} is less than {db}, borrow 1 to make {top + 10}; {top + 10} - {db} = {top + 10 - db}.")
+            borrow = 1
+        else:
+            lines.append(f"{name}: {top} - {db} = {top - db}.")
+            borrow = 0
+        x, y, place = x // 10, y // 10, place + 1
+    return lines
+
+
+def arithmetic(rng: random.Random, difficulty: int) -> Problem:
+    digits = _digits_for(difficulty)
+    op = rng.choice("+-*")
+    a = rng.randrange(10 ** (digits - 1), 10**digits)
+    if op == "*":
+        b = rng.randrange(2, 10 ** max(1, digits // 2))
+        lines = []
+        partials = []
+        for place, d in enumerate(reversed(str(b))):
+            part = a * int(d) * 10**place
+            partials.append(part)
+            lines.append(f"{a} x {int(d) * 10**place} = {part}.")
+        if len(partials) > 1:
+            lines.append(f"Add the parts: {' + '.join(map(str, partials))} = {a * b}.")
+        return Problem(f"What is {a} x {b}?", _finish(lines, a * b), str(a * b), "arithmetic")
+    b = rng.randrange(10 ** (digits - 1), 10**digits)
+    if op == "-":
+        a, b = max(a, b), min(a, b)
+        lines = _column_sub(a, b) + [f"So {a} - {b} = {a - b}."]
+        return Problem(f"What is {a} - {b}?", _finish(lines, a - b), str(a - b), "arithmetic")
+    lines = _column_add(a, b) + [f"So {a} + {b} = {a + b}."]
+    return Problem(f"What is {a} + {b}?", _finish(lines, a + b), str(a + b), "arithmetic")
+
+
+# --- counting ---------------------------------------------------------------------------------------------
+
+_SYLLABLES = ["ba", "ko", "ri", "ne", "lu", "ma", "te", "so", "pi", "da", "ve", "ga", "lo", "nu", "re", "ta", "mi",
+              "sa", "fo", "ke", "bri", "sto", "pla", "tre", "an", "el", "or", "us", "is"]
+
+
+def _pseudo_word(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(syllables))
+
+
+def counting(rng: random.Random, difficulty: int) -> Problem:
+    word = _pseudo_word(rng, 2 + difficulty + rng.randrange(2))
+    letter = rng.choice(sorted(set(word)))
+    positions = [i + 1 for i, c in enumerate(word) if c == letter]
+    spelled = "-".join(word)
+    pos = ", ".join(map(str, positions))
+    lines = [f"Spell it out: {spelled}.", f"The letter {letter} is at position{'s' if len(positions) > 1 else ''} {pos}.",
+             f"That is {len(positions)} time{'s' if len(positions) > 1 else ''}."]
+    prompt = f'How many times does the letter "{letter}" appear in the word "{word}"?'
+    return Problem(prompt, _finish(lines, len(positions)), str(len(positions)), "counting")
+
+
+# --- comparison -------------------------------------------------------------------------------------------
+
+def _decimal(rng: random.Random, int_digits: int, frac_digits: int) -> str:
+    whole = rng.randrange(0, 10**int_digits)
+    frac = "".join(str(rng.randrange(10)) for _ in range(frac_digits)).rstrip("0") or "0"
+    return f"{whole}.{frac}"
+
+
+def comparison(rng: random.Random, difficulty: int) -> Problem:
+    int_digits = max(1, difficulty // 2)
+    a = _decimal(rng, int_digits, rng.randint(1, 1 + difficulty))
+    if rng.random() < 0.6:
+        # Same whole part and a different number of decimals is the case that trips models up.
+        whole = a.split(".")[0]
+        b = f"{whole}.{_decimal(rng, 1, rng.randint(1, 1 + difficulty)).split('.')[1]}"
+    else:
+        b = _decimal(rng, int_digits, rng.randint(1, 1 + difficulty))
+    if a == b or float(a) == float(b):
+        b = f"{int(a.split('.')[0]) + 1}.{a.split('.')[1]}"
+    wa, fa = a.split(".")
+    wb, fb = b.split(".")
+    width = max(len(fa), len(fb))
+    lines = [f"Compare the whole parts: {wa} and {wb}."]
+    if int(wa) != int(wb):
+        bigger = a if int(wa) > int(wb) else b
+        lines.append(f"{max(int(wa), int(wb))} is larger, so {bigger} is larger.")
+    else:
+        pa, pb = fa.ljust(width, "0"), fb.ljust(width, "0")
+        lines.append(f"They are equal, so compare the decimals with the same number of places: {pa} and {pb}.")
+        bigger = a if int(pa) > int(pb) else b
+        lines.append(f"{max(pa, pb, key=int)} is larger, so {bigger} is larger.")
+    prompt = f"Which number is larger: {a} or {b}?"
+    return Problem(prompt, _finish(lines, bigger), bigger, "comparison")
+
+
+# --- sorting ----------------------------------------------------------------------------------------------
+
+def sorting(rng: random.Random, difficulty: int) -> Problem:
+    count = 3 + difficulty
+    top = 10 ** (1 + (difficulty + 1) // 2)
+    values = rng.sample(range(top), count)
+    descending = rng.random() < 0.3
+    order = "largest to smallest" if descending else "smallest to largest"
+    remaining, chosen, lines = list(values), [], []
+    while len(remaining) > 1:
+        pick = max(remaining) if descending else min(remaining)
+        word = "largest" if descending else "smallest"
+        lines.append(f"The {word} of {', '.join(map(str, remaining))} is {pick}.")
+        chosen.append(pick)
+        remaining.remove(pick)
+    chosen.extend(remaining)
+    answer = ", ".join(map(str, chosen))
+    lines.append(f"The last one left is {remaining[0]}.")
+    prompt = f"Sort these numbers from {order}: {', '.join(map(str, values))}."
+    return Problem(prompt, _finish(lines, answer), answer, "sorting")
+
+
+# --- unit conversion --------------------------------------------------------------------------------------
+
+_UNIT_CHAINS = [
+    [("kilometers", 1), ("meters", 1000), ("centimeters", 100), ("millimeters", 10)],
+    [("kilograms", 1), ("grams", 1000), ("milligrams", 1000)],
+    [("weeks", 1), ("days", 7), ("hours", 24), ("minutes", 60), ("seconds", 60)],
+    [("liters", 1), ("milliliters", 1000)],
+    [("yards", 1), ("feet", 3), ("inches", 12)],
+]
+
+
+def units(rng: random.Random, difficulty: int) -> Problem:
+    chain = rng.choice(_UNIT_CHAINS)
+    hops = min(len(chain) - 1, 1 + rng.randrange(max(1, min(difficulty, len(chain) - 1))))
+    start = rng.randrange(0, len(chain) - hops)
+    amount = rng.randint(2, 10 ** (2 + difficulty // 2))
+    value, lines = amount, []
+    for i in range(start, start + hops):
+        (src, _), (dst, factor) = chain[i], chain[i + 1]
+        lines.append(f"1 {src[:-1]} is {factor} {dst}, so {value} {src} is {value} x {factor} = {value * factor} {dst}.")
+        value *= factor
+    src_name, dst_name = chain[start][0], chain[start + hops][0]
+    prompt = f"How many {dst_name} are in {amount} {src_name}?"
+    return Problem(prompt, _finish(lines, value), str(value), "units")
+
+
+# --- registry ---------------------------------------------------------------------------------------------
+
+Generator = Callable[[random.Random, int], Problem]
+FAMILIES: dict[str, Generator] = {
+    "arithmetic": arithmetic,
+    "counting": counting,
+    "comparison": comparison,
+    "sorting": sorting,
+    "units": units,
+}
+
+
+def _register_text_families() -> None:
+    from tinylm.data import synthetic_text
+
+    FAMILIES.update(synthetic_text.FAMILIES)
+
+
+_register_text_families()
+
+def generate(family: str, split: str = "train", n: int = 100, seed: int = 0, difficulty: int = 2) -> list[Problem]:
+    """`n` distinct problems of `family` from `split`, the same for the same arguments.
+
+    Stops early (returning fewer) only if the family's prompt space at this difficulty is nearly exhausted.
+    """
+    if family not in FAMILIES:
+        raise KeyError(family)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    make = FAMILIES[family]
+    rng = random.Random(f"tinylm/{family}/{split}/{seed}/{difficulty}")
+    seen: set[str] = set()
+    out: list[Problem] = []
+    misses = 0
+    while len(out) < n and misses < 200 + 50 * n:
+        p = make(rng, difficulty)
+        if p.prompt in seen or split_of(family, p.prompt) != split:
+            misses += 1
+            continue
+        seen.add(p.prompt)
+        out.append(p)
+    return out
+
+
+def problems(family: str, n: int = 100, seed: int = 0, difficulty: int = 2, split: str = "test") -> list[Problem]:
+    """Held-out problems for evaluation: prompt, worked solution and the answer to compare with."""
+    return generate(family, split, n, seed, difficulty)
+
+
+def documents(family: str, split: str = "train", n: int = 100, seed: int = 0, difficulty: int = 2,
+              chat: bool = False) -> list:
+    """Documents of a synthetic source: plain strings, or chat `messages` lists when `chat`."""
+    items = generate(family, split, n, seed, difficulty)
+    if chat:
+        return [p.messages() for p in items]
+    return [p.text() for p in items]
+
+
+def check_disjoint(family: str, n: int = 500, seed: int = 0, difficulty: int = 2) -> None:
+    """Raise AssertionError if any prompt occurs in both splits (a guard against a broken split function)."""
+    train = {p.prompt for p in generate(family, "train", n, seed, difficulty)}
+    test = {p.prompt for p in generate(family, "test", n, seed + 1, difficulty)}
+    common = train & test
+    if common:
+        raise AssertionError(f"{family}: {len(common)} prompts in both splits, e.g. {next(iter(common))!r}")
+
+
+def default_sources():
+    """The embedded default mixture: prose plus every reasoning family, sized for a CPU quickstart."""
+    from tinylm.data.config import SourceConfig
+
+    sizes = {"stories": 6000, "word_problems": 3000, "arithmetic": 3000, "counting": 1000,
+             "comparison": 1000, "sorting": 1000, "units": 1000}
+    return [SourceConfig(name=f, type="synthetic", generator=f, num_docs=n) for f, n in sizes.items()]

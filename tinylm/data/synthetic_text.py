@@ -1,0 +1,156 @@
+"""Synthetic families written as prose: GSM8K-style word problems and short stories with a question."""
+
+from __future__ import annotations
+
+import random
+
+from tinylm.data.synthetic import Problem, _finish
+
+NAMES = ["Mia", "Leo", "Ava", "Noah", "Zara", "Omar", "Lena", "Ravi", "Ines", "Kofi", "Yuki", "Sam", "Nora", "Tomas",
+         "Priya", "Jonah", "Elif", "Marco", "Hana", "Diego", "Amara", "Felix", "Suki", "Ben", "Chloe", "Idris", "Maya",
+         "Owen", "Tara", "Aziz"]
+ITEMS = ["apples", "marbles", "stickers", "books", "cookies", "pencils", "coins", "shells", "cards", "stamps",
+         "beads", "oranges", "crayons", "buttons", "postcards", "seeds", "ribbons", "toy cars"]
+PLACES = ["at the market", "in the garden", "at school", "at the beach", "in the attic", "at the library",
+          "at the fair", "in the park"]
+GOODS = [("pen", 2, 6), ("notebook", 3, 9), ("sandwich", 4, 12), ("ticket", 5, 20), ("plant", 6, 25),
+         ("kite", 7, 30), ("scarf", 8, 35), ("lamp", 12, 60), ("puzzle", 9, 40), ("mug", 3, 15)]
+
+
+def _add(rng, name, friend, item, have, big):
+    b = rng.randint(2, big)
+    text = rng.choice([f"{name} buys {b} more {item}.", f"{friend} gives {name} {b} {item}.",
+                       f"Then {name} finds {b} {item} {rng.choice(PLACES)}.", f"Later, {name} gets {b} extra {item}."])
+    return text, f"{name} has {have} + {b} = {have + b} {item}.", have + b
+
+
+def _sub(rng, name, friend, item, have, big):
+    b = rng.randint(1, max(1, min(big, have - 1)))
+    text = rng.choice([f"{name} gives {b} {item} to {friend}.", f"{name} loses {b} {item} on the way home.",
+                       f"{name} uses {b} {item} for a school project.", f"{friend} borrows {b} of the {item}."])
+    return text, f"{name} has {have} - {b} = {have - b} {item} left.", have - b
+
+
+def _mul(rng, name, friend, item, have, big):
+    b = rng.randint(2, 4)
+    text = rng.choice([f"By the end of the month the number of {item} is {b} times as large.",
+                       f"{name} then collects enough {item} to have {b} times as many."])
+    return text, f"{b} times as many is {have} x {b} = {have * b} {item}.", have * b
+
+
+def _div(rng, name, friend, item, have, big):
+    divisors = [d for d in range(2, 10) if have % d == 0]
+    if not divisors:
+        return _add(rng, name, friend, item, have, big)
+    b = rng.choice(divisors)
+    text = rng.choice([f"{name} splits the {item} equally into {b} bags and keeps only one bag.",
+                       f"{name} shares the {item} equally among {b} children, {name} included, and keeps one share."])
+    return text, f"One share is {have} / {b} = {have // b} {item}.", have // b
+
+
+def _inventory(rng: random.Random, difficulty: int) -> Problem:
+    name, friend = rng.sample(NAMES, 2)
+    item = rng.choice(ITEMS)
+    big = 5 * 2**difficulty
+    have = rng.randint(3, big)
+    story = [rng.choice([f"{name} has {have} {item}.", f"{name} starts the week with {have} {item}.",
+                         f"There are {have} {item} in {name}'s box."])]
+    lines = []
+    ops = [_add, _sub, _mul, _div]
+    for _ in range(difficulty + 1):
+        op = rng.choice(ops if have < 500 else [_sub, _div])
+        if op is _sub and have < 3:
+            op = _add
+        text, line, have = op(rng, name, friend, item, have, big)
+        story.append(text)
+        lines.append(line)
+    question = rng.choice([f"How many {item} does {name} have now?", f"How many {item} does {name} end up with?",
+                           f"At the end, how many {item} does {name} have?"])
+    prompt = " ".join(story + [question])
+    return Problem(prompt, _finish(lines, have), str(have), "word_problems")
+
+
+def _plural(word: str) -> str:
+    return word + ("es" if word.endswith(("ch", "sh", "s", "x")) else "s")
+
+
+def _shopping(rng: random.Random, difficulty: int) -> Problem:
+    name = rng.choice(NAMES)
+    kinds = rng.sample(GOODS, min(len(GOODS), 1 + (difficulty + 1) // 2))
+    parts, lines, total = [], [], 0
+    for good, low, high in kinds:
+        count = rng.randint(2, 2 + difficulty * 2)
+        price = rng.randint(low, high)
+        parts.append(f"{count} {_plural(good)} at ${price} each")
+        lines.append(f"{count} {_plural(good)} cost {count} x {price} = ${count * price}.")
+        total += count * price
+    bought = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+    if len(kinds) > 1:
+        costs = " + ".join(line.split("= $")[1].rstrip(".") for line in lines)
+        lines.append(f"Altogether {name} spends {costs} = ${total}.")
+    if difficulty >= 2 and rng.random() < 0.6:
+        paid = (total // 50 + 1) * 50
+        lines.append(f"The change from ${paid} is {paid} - {total} = ${paid - total}.")
+        prompt = f"{name} buys {bought}, and pays with ${paid}. How much change does {name} get, in dollars?"
+        return Problem(prompt, _finish(lines, paid - total), str(paid - total), "word_problems")
+    prompt = f"{name} buys {bought}. How much does {name} spend in total, in dollars?"
+    return Problem(prompt, _finish(lines, total), str(total), "word_problems")
+
+
+def word_problems(rng: random.Random, difficulty: int) -> Problem:
+    """Multi-step word problems in GSM8K's format; `difficulty` sets the number of steps and operand size."""
+    return _inventory(rng, difficulty) if rng.random() < 0.65 else _shopping(rng, difficulty)
+
+
+ANIMALS = ["fox", "rabbit", "owl", "turtle", "cat", "dog", "bear", "duck", "mouse", "goat", "hedgehog", "otter"]
+SETTINGS = ["a quiet village by the river", "a busy town near the hills", "a small farm at the edge of the forest",
+            "an old house by the sea", "a cabin high in the mountains", "a cottage beside a lake"]
+GOALS = ["a red kite", "a lost key", "a silver bell", "a map of the valley", "a jar of honey", "a blue umbrella",
+         "a wooden flute", "a box of paints", "a warm blanket", "a golden leaf"]
+DESTINATIONS = ["the old mill", "the lighthouse", "the bakery", "the bridge", "the meadow", "the station",
+                "the orchard", "the harbor", "the museum", "the hilltop"]
+WEATHER = ["The morning was cold and bright.", "Rain had fallen all night, and the paths were muddy.",
+           "It was a warm afternoon in late summer.", "A strong wind was blowing from the north.",
+           "Snow covered the roofs and the fields.", "The sky was grey, and fog hung over the water."]
+FEELINGS = ["happy", "tired but proud", "relieved", "excited", "calm", "grateful"]
+
+
+def stories(rng: random.Random, difficulty: int) -> Problem:
+    """A short story in plain prose followed by one reading-comprehension question about it."""
+    hero, helper = rng.sample(NAMES, 2)
+    animal = rng.choice(ANIMALS)
+    goal, place = rng.choice(GOALS), rng.choice(DESTINATIONS)
+    feeling = rng.choice(FEELINGS)
+    number = rng.randint(2, 9)
+    sentences = [
+        rng.choice([f"{hero} lived in {rng.choice(SETTINGS)} with a small {animal}.",
+                    f"In {rng.choice(SETTINGS)}, there lived a child named {hero} and a curious {animal}."]),
+        rng.choice(WEATHER),
+        rng.choice([f"One day {hero} decided to look for {goal}.", f"That day {hero} wanted to find {goal}.",
+                    f"{hero} had heard a story about {goal} and wanted to see it."]),
+        rng.choice([f"{hero} walked to {place}, counting {number} birds along the way.",
+                    f"The road to {place} was long, and {hero} stopped {number} times to rest.",
+                    f"{hero} and the {animal} went to {place}, crossing {number} little streams."]),
+        rng.choice([f"There {hero} met {helper}, who knew the place well.",
+                    f"At {place}, {helper} was waiting and offered to help.",
+                    f"Near {place}, {hero} asked {helper} for directions."]),
+        rng.choice([f"Together they searched until they found {goal} under a pile of leaves.",
+                    f"{helper} pointed to a shelf, and there was {goal}.",
+                    f"After some time, the {animal} found {goal} behind a stone."]),
+        f"{hero} went home feeling {feeling}.",
+    ]
+    if difficulty >= 3:
+        sentences.insert(5, rng.choice([f"It took them {number + 1} hours to search every corner.",
+                                        f"They asked {number} neighbors, but nobody had seen it."]))
+    questions = [
+        (f"Where did {hero} go?", place.removeprefix("the "), f"{hero} went to {place}."),
+        (f"Who helped {hero}?", helper, f"{helper} helped {hero}."),
+        (f"What did {hero} look for?", goal.split(" ", 1)[1], f"{hero} looked for {goal}."),
+        (f"What animal lived with {hero}?", animal, f"{hero} lived with a {animal}."),
+    ]
+    question, answer, because = rng.choice(questions)
+    prompt = " ".join(sentences) + f"\n\nQuestion: {question}"
+    return Problem(prompt, _finish([because], answer), answer, "stories")
+
+
+FAMILIES = {"word_problems": word_problems, "stories": stories}

@@ -1,0 +1,128 @@
+"""Byte-level BPE tokenizer: special tokens, chat rendering, training, loading and per-token byte lengths.
+
+Digits are always split one per token before BPE runs, so the model sees numbers digit by digit (multi-digit
+merges make arithmetic much harder to learn at small scale).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from tinylm.errors import UserError
+
+BOS = "<|bos|>"
+EOS = "<|eos|>"
+PAD = "<|pad|>"
+SYSTEM = "<|system|>"
+USER = "<|user|>"
+ASSISTANT = "<|assistant|>"
+END = "<|end|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END]
+"""In id order: a trained tokenizer gives BOS id 0, EOS 1, PAD 2, and so on."""
+
+ROLE_MARKERS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+
+def render_chat(messages: list[dict]) -> str:
+    """`<|user|>question<|end|><|assistant|>answer<|end|>`: the one chat layout pretraining and SFT share."""
+    parts = []
+    for m in messages:
+        marker = ROLE_MARKERS.get(m.get("role", ""))
+        if marker is None:
+            raise ValueError(f"unknown chat role {m.get('role')!r} (known: {', '.join(ROLE_MARKERS)})")
+        parts.append(f"{marker}{m['content']}{END}")
+    return "".join(parts)
+
+
+def _byte_level_pieces():
+    from tokenizers import decoders, pre_tokenizers
+
+    pre = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    )
+    return pre, decoders.ByteLevel()
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
+    """A byte-level BPE trained on `texts`, with `SPECIAL_TOKENS` first and all 256 bytes in the vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise UserError(f"tokenizer vocab_size {vocab_size} is too small: byte-level BPE needs at least "
+                        f"{256 + len(SPECIAL_TOKENS)} (256 bytes plus the special tokens)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = _byte_level_pieces()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def save_tokenizer(tok, path: str | os.PathLike) -> None:
+    """Write tokenizer.json atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tok.save(str(tmp))
+    os.replace(tmp, path)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"tokenizer not found: {path}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise UserError(f"{path} is not a tokenizer.json that `tokenizers` can load: {' '.join(str(e).split())}") from None
+
+
+def special_id(tok, token: str) -> int | None:
+    return tok.token_to_id(token)
+
+
+def require_special(tok, token: str, where: str) -> int:
+    tid = tok.token_to_id(token)
+    if tid is None:
+        raise UserError(f"{where} has no {token} token; tinylm needs {', '.join(SPECIAL_TOKENS[:2])}")
+    return tid
+
+
+def _byte_decoder() -> dict[str, int]:
+    # GPT-2's byte-to-printable-character table, which the ByteLevel pre-tokenizer uses.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def token_bytes(tok) -> np.ndarray:
+    """UTF-8 byte length of every token id, 0 for special tokens (bits per byte needs it)."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    out = np.zeros(tok.get_vocab_size(with_added_tokens=True), dtype=np.int32)
+    specials = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    table = _byte_decoder()
+    for token, tid in vocab.items():
+        if token in specials or tid >= out.size:
+            continue
+        if all(ch in table for ch in token):
+            out[tid] = len(token)
+        else:
+            # Not a byte-level token (a tokenizer.json from elsewhere): measure what it decodes to.
+            out[tid] = len(tok.decode([tid], skip_special_tokens=False).encode("utf-8"))
+    return out

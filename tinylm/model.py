@@ -1,0 +1,228 @@
+"""The decoder-only transformer, written once against a backend's small set of operations.
+
+Pre-norm RMSNorm, RoPE, grouped-query attention, SwiGLU, no biases, optional QK-norm (MobileLLM-R1), tied
+input/output embeddings (configurable) and immediate block-wise weight sharing (MobileLLM-LS: each block is
+applied `block_repeats` times in a row). Parameters are a flat dict of arrays whose names follow the Hugging
+Face Llama layout without the `model.` prefix, so checkpoints map one to one onto exported ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from tinylm.errors import UserError
+from tinylm.presets import PRESETS
+
+
+@dataclass
+class ModelConfig:
+    """The `[model]` section: a preset and optional overrides of its shape."""
+
+    preset: str = "tiny"
+    """Name of a preset in `tinylm.presets.PRESETS` (e.g. mobilellm-125m, mobilellm-r1-140m, tiny, micro)."""
+    n_layers: Optional[int] = None
+    """Number of distinct transformer blocks."""
+    dim: Optional[int] = None
+    """Residual stream width."""
+    n_heads: Optional[int] = None
+    """Query heads; head dim is dim / n_heads."""
+    n_kv_heads: Optional[int] = None
+    """Key/value heads (grouped-query attention); must divide n_heads."""
+    ffn_dim: Optional[int] = None
+    """Hidden width of the SwiGLU feed-forward."""
+    vocab_size: Optional[int] = None
+    """Vocabulary size; unset means the preset's, or the tokenizer's when training on prepared data."""
+    rope_theta: Optional[float] = None
+    """RoPE base frequency."""
+    max_seq_len: Optional[int] = None
+    """Longest context the model is meant for (checked against train.seq_len)."""
+    tie_embeddings: Optional[bool] = None
+    """Share the token embedding with the output head."""
+    qk_norm: Optional[bool] = None
+    """RMSNorm on queries and keys per head before RoPE (MobileLLM-R1)."""
+    block_repeats: Optional[int] = None
+    """Apply each block this many times in a row with the same weights (MobileLLM-LS uses 2)."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialization; output projections get it / sqrt(2 * depth)."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A fully resolved architecture: what `forward` and `init_params` take."""
+
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    vocab_size: int
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True
+    qk_norm: bool = False
+    block_repeats: int = 1
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def depth(self) -> int:
+        """Blocks applied per forward pass, counting repeats."""
+        return self.n_layers * self.block_repeats
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ModelShape:
+    """Preset + overrides -> shape. `vocab_size` (from a tokenizer) applies when the recipe sets none."""
+    if cfg.preset not in PRESETS:
+        raise UserError(f"model.preset: unknown preset {cfg.preset!r} (known: {', '.join(sorted(PRESETS))})")
+    fields = dict(PRESETS[cfg.preset])
+    if vocab_size is not None:
+        fields["vocab_size"] = vocab_size
+    for f in dataclasses.fields(ModelConfig):
+        value = getattr(cfg, f.name)
+        if f.name != "preset" and value is not None:
+            fields[f.name] = value
+    shape = ModelShape(**fields)
+    if shape.dim % shape.n_heads:
+        raise UserError(f"model: dim {shape.dim} is not a multiple of n_heads {shape.n_heads}")
+    if shape.n_heads % shape.n_kv_heads:
+        raise UserError(f"model: n_heads {shape.n_heads} is not a multiple of n_kv_heads {shape.n_kv_heads}")
+    if shape.head_dim % 2:
+        raise UserError(f"model: head dim {shape.head_dim} must be even for RoPE")
+    if min(shape.n_layers, shape.dim, shape.ffn_dim, shape.vocab_size, shape.block_repeats) < 1:
+        raise UserError("model: sizes must be positive")
+    return shape
+
+
+def param_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter, in a fixed order (the order initialization draws in)."""
+    d, hd = shape.dim, shape.head_dim
+    out: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (shape.vocab_size, d)}
+    for i in range(shape.n_layers):
+        p = f"layers.{i}."
+        out[p + "input_layernorm.weight"] = (d,)
+        out[p + "self_attn.q_proj.weight"] = (shape.n_heads * hd, d)
+        out[p + "self_attn.k_proj.weight"] = (shape.n_kv_heads * hd, d)
+        out[p + "self_attn.v_proj.weight"] = (shape.n_kv_heads * hd, d)
+        out[p + "self_attn.o_proj.weight"] = (d, shape.n_heads * hd)
+        if shape.qk_norm:
+            out[p + "self_attn.q_norm.weight"] = (hd,)
+            out[p + "self_attn.k_norm.weight"] = (hd,)
+        out[p + "post_attention_layernorm.weight"] = (d,)
+        out[p + "mlp.gate_proj.weight"] = (shape.ffn_dim, d)
+        out[p + "mlp.up_proj.weight"] = (shape.ffn_dim, d)
+        out[p + "mlp.down_proj.weight"] = (d, shape.ffn_dim)
+    out["norm.weight"] = (d,)
+    if not shape.tie_embeddings:
+        out["lm_head.weight"] = (shape.vocab_size, d)
+    return out
+
+
+def count_params(shape: ModelShape, embeddings: bool = True) -> int:
+    """Parameters, tied embeddings counted once; `embeddings=False` leaves out the input embedding table."""
+    total = sum(int(np.prod(s)) for s in param_shapes(shape).values())
+    return total if embeddings else total - shape.vocab_size * shape.dim
+
+
+def flops_per_token(shape: ModelShape, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (non-embedding params applied, output head included) + attention.
+
+    Repeated blocks are counted once per application, since they are computed again.
+    """
+    block = count_params(dataclasses.replace(shape, n_layers=1, vocab_size=0, tie_embeddings=True)) - shape.dim
+    matmul_params = block * shape.depth + shape.vocab_size * shape.dim
+    attention = 12 * shape.depth * shape.n_heads * shape.head_dim * seq_len
+    return 6.0 * matmul_params + attention
+
+
+def init_params(shape: ModelShape, seed: int) -> dict[str, np.ndarray]:
+    """Seeded float32 initialization in numpy, so every backend starts from the same weights."""
+    rng = np.random.default_rng(seed)
+    out_std = shape.init_std / np.sqrt(2 * shape.depth)
+    params = {}
+    for name, s in param_shapes(shape).items():
+        if len(s) == 1:
+            params[name] = np.ones(s, np.float32)
+        else:
+            std = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else shape.init_std
+            params[name] = (rng.standard_normal(s, dtype=np.float32) * std).astype(np.float32)
+    return params
+
+
+def is_matrix(name: str) -> bool:
+    """Hidden 2-D weights (what Muon and weight decay act on); embeddings and the head are not hidden."""
+    return (".self_attn." in name and name.endswith("proj.weight")) or ".mlp." in name
+
+
+def _attention(ops, p, prefix, x, shape: ModelShape, offset, mask, cache_entry):
+    b, t, _ = x.shape
+    hd = shape.head_dim
+    q = ops.linear(x, p[prefix + "q_proj.weight"]).reshape(b, t, shape.n_heads, hd)
+    k = ops.linear(x, p[prefix + "k_proj.weight"]).reshape(b, t, shape.n_kv_heads, hd)
+    v = ops.linear(x, p[prefix + "v_proj.weight"]).reshape(b, t, shape.n_kv_heads, hd)
+    if shape.qk_norm:
+        q = ops.rms_norm(q, p[prefix + "q_norm.weight"], shape.norm_eps)
+        k = ops.rms_norm(k, p[prefix + "k_norm.weight"], shape.norm_eps)
+    q, k, v = (ops.transpose(a, (0, 2, 1, 3)) for a in (q, k, v))
+    q = ops.rope(q, shape.rope_theta, offset)
+    k = ops.rope(k, shape.rope_theta, offset)
+    if cache_entry is not None:
+        k = ops.concat([cache_entry[0], k], axis=2)
+        v = ops.concat([cache_entry[1], v], axis=2)
+    y = ops.attention(q, k, v, 1.0 / np.sqrt(hd), mask)
+    y = ops.transpose(y, (0, 2, 1, 3)).reshape(b, t, shape.n_heads * hd)
+    return ops.linear(y, p[prefix + "o_proj.weight"]), (k, v)
+
+
+def _mlp(ops, p, prefix, x):
+    gate = ops.silu(ops.linear(x, p[prefix + "gate_proj.weight"]))
+    return ops.linear(gate * ops.linear(x, p[prefix + "up_proj.weight"]), p[prefix + "down_proj.weight"])
+
+
+def forward(ops, params, tokens, shape: ModelShape, cache=None, mask="causal"):
+    """Logits for `tokens` (batch, time).
+
+    With `cache` (a list with one (keys, values) pair per applied block, or an empty list to start one) the
+    tokens continue the cached sequence and the updated cache is returned as well: `(logits, cache)`.
+    `mask` is "causal", None, or a backend boolean array broadcastable to (batch, heads, time, cached + time).
+    """
+    offset = 0 if not cache else cache[0][0].shape[2]
+    new_cache = [] if cache is not None else None
+    x = ops.embed(params["embed_tokens.weight"], tokens)
+    applied = 0
+    for i in range(shape.n_layers):
+        prefix = f"layers.{i}."
+        for _ in range(shape.block_repeats):
+            entry = cache[applied] if cache else None
+            h = ops.rms_norm(x, params[prefix + "input_layernorm.weight"], shape.norm_eps)
+            attn, kv = _attention(ops, params, prefix + "self_attn.", h, shape, offset, mask, entry)
+            x = x + attn
+            h = ops.rms_norm(x, params[prefix + "post_attention_layernorm.weight"], shape.norm_eps)
+            x = x + _mlp(ops, params, prefix + "mlp.", h)
+            if new_cache is not None:
+                new_cache.append(kv)
+            applied += 1
+    x = ops.rms_norm(x, params["norm.weight"], shape.norm_eps)
+    head = params["embed_tokens.weight" if shape.tie_embeddings else "lm_head.weight"]
+    logits = ops.linear(x, head)
+    return logits if cache is None else (logits, new_cache)
+
+
+def loss(ops, params, batch, shape: ModelShape, compute_dtype: str = "float32"):
+    """Mean next-token cross-entropy (nats) over a (batch, time + 1) token array."""
+    if compute_dtype != "float32":
+        params = {k: ops.cast(v, compute_dtype) for k, v in params.items()}
+    logits = forward(ops, params, batch[:, :-1], shape)
+    return ops.cross_entropy(logits, batch[:, 1:]).mean()

@@ -1,0 +1,129 @@
+"""Optimizer rules, written once over flat dicts of backend arrays: AdamW (bias-corrected) and Muon.
+
+Muon (orthogonalized momentum) acts on the 2-D hidden matrices; embeddings, the output head, norms and
+gains stay on AdamW. Muon's update is scaled by 0.2 * sqrt(max(rows, cols)) so that its RMS matches AdamW's
+(Moonlight, arXiv 2502.16982) and AdamW's learning rate and decoupled weight decay carry over unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tinylm.errors import UserError
+from tinylm.model import is_matrix
+
+# Quintic Newton-Schulz coefficients (Keller Jordan's Muon).
+_NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+@dataclass
+class OptimConfig:
+    """The `[optim]` section."""
+
+    name: str = "adamw"
+    """"adamw", or "muon" (Muon for hidden matrices, AdamW for the rest)."""
+    lr: float = 3e-3
+    """Peak learning rate (the schedule scales it)."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.95
+    """AdamW second-moment decay."""
+    eps: float = 1e-8
+    """AdamW denominator epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices and embeddings; never on norms or gains."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 turns clipping off."""
+    muon_momentum: float = 0.95
+    """Muon momentum (Nesterov)."""
+    muon_ns_steps: int = 5
+    """Newton-Schulz iterations that orthogonalize Muon's update."""
+
+    def __post_init__(self):
+        if self.name not in ("adamw", "muon"):
+            raise ValueError(f"name must be 'adamw' or 'muon', got {self.name!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+def uses_muon(cfg: OptimConfig, name: str) -> bool:
+    return cfg.name == "muon" and is_matrix(name)
+
+
+def init_state(ops, cfg: OptimConfig, params: dict) -> dict:
+    """Flat optimizer state: `exp_avg.<param>`, `exp_avg_sq.<param>` (AdamW) or `momentum.<param>` (Muon)."""
+    state = {}
+    for name, p in params.items():
+        if uses_muon(cfg, name):
+            state["momentum." + name] = ops.zeros_like(p)
+        else:
+            state["exp_avg." + name] = ops.zeros_like(p)
+            state["exp_avg_sq." + name] = ops.zeros_like(p)
+    return state
+
+
+def global_norm(ops, grads: dict):
+    total = None
+    for g in grads.values():
+        sq = ops.sum_squares(g)
+        total = sq if total is None else total + sq
+    return ops.sqrt(total)
+
+
+def clip_by_global_norm(ops, grads: dict, max_norm: float):
+    """Returns (clipped grads, norm before clipping)."""
+    norm = global_norm(ops, grads)
+    if max_norm <= 0:
+        return grads, norm
+    scale = ops.minimum(ops.scalar(1.0), max_norm / (norm + 1e-6))
+    return {k: g * scale for k, g in grads.items()}, norm
+
+
+def newton_schulz(ops, g, steps: int):
+    """Approximately the nearest semi-orthogonal matrix to g (U V^T of its SVD)."""
+    a, b, c = _NS_COEFFS
+    tall = g.shape[0] > g.shape[1]
+    x = g.T if tall else g
+    x = x / (ops.sqrt(ops.sum_squares(x)) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x.T if tall else x
+
+
+def update(ops, cfg: OptimConfig, params: dict, grads: dict, state: dict, lr, step):
+    """One optimizer step. `lr` and `step` (1-based) are backend scalars so compiled steps are reused."""
+    new_params, new_state = {}, {}
+    bias1 = 1.0 - cfg.beta1**step
+    bias2 = 1.0 - cfg.beta2**step
+    for name, p in params.items():
+        g = grads[name]
+        decay = cfg.weight_decay if len(p.shape) >= 2 else 0.0
+        if uses_muon(cfg, name):
+            m = cfg.muon_momentum * state["momentum." + name] + g
+            direction = newton_schulz(ops, g + cfg.muon_momentum * m, cfg.muon_ns_steps)
+            direction = direction * (0.2 * max(p.shape) ** 0.5)
+            new_state["momentum." + name] = m
+        else:
+            m = cfg.beta1 * state["exp_avg." + name] + (1.0 - cfg.beta1) * g
+            v = cfg.beta2 * state["exp_avg_sq." + name] + (1.0 - cfg.beta2) * (g * g)
+            direction = (m / bias1) / (ops.sqrt(v / bias2) + cfg.eps)
+            new_state["exp_avg." + name] = m
+            new_state["exp_avg_sq." + name] = v
+        if decay:
+            p = p * (1.0 - lr * decay)
+        new_params[name] = p - lr * direction
+    return new_params, new_state
+
+
+def check_state(cfg: OptimConfig, params: dict, state: dict, where: str) -> None:
+    """A resumed optimizer state must hold exactly the slots this optimizer and model need."""
+    expected = set()
+    for name in params:
+        if uses_muon(cfg, name):
+            expected.add("momentum." + name)
+        else:
+            expected.update(("exp_avg." + name, "exp_avg_sq." + name))
+    if set(state) != expected:
+        missing = sorted(expected - set(state))[:1] or sorted(set(state) - expected)[:1]
+        raise UserError(f"{where}: optimizer state does not match optim.name={cfg.name!r} (first mismatch: {missing[0]})")

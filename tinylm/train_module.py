@@ -1,0 +1,64 @@
+"""The training step, written once: gradients of the core loss, accumulation, all-reduce, clipping, update.
+
+The backend contributes autodiff (`grad_step`), compilation (`pure_step`) and the arrays; nothing here
+depends on which backend runs it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tinylm import model, optim
+from tinylm.model import ModelShape
+from tinylm.optim import OptimConfig
+
+
+class TrainModule:
+    def __init__(self, backend, shape: ModelShape, optim_cfg: OptimConfig, compute_dtype: str = "float32"):
+        self.backend = backend
+        self.shape = shape
+        self.optim_cfg = optim_cfg
+        ops = backend.ops
+
+        def loss_fn(params, batch):
+            return model.loss(ops, params, batch, shape, compute_dtype)
+
+        def apply(params, state, grads, lr, step):
+            grads, norm = optim.clip_by_global_norm(ops, grads, optim_cfg.grad_clip)
+            params, state = optim.update(ops, optim_cfg, params, grads, state, lr, step)
+            return params, state, norm
+
+        def token_losses(params, batch):
+            cast = params if compute_dtype == "float32" else {k: ops.cast(v, compute_dtype) for k, v in params.items()}
+            return ops.cross_entropy(model.forward(ops, cast, batch[:, :-1], shape), batch[:, 1:])
+
+        self._grad = backend.grad_step(loss_fn)
+        self._apply = backend.pure_step(apply)
+        self._token_losses = backend.pure_step(token_losses)
+
+    def init_state(self, params: dict) -> dict:
+        return optim.init_state(self.backend.ops, self.optim_cfg, params)
+
+    def loss_and_grads(self, params: dict, micro_batches: list[np.ndarray]):
+        """Mean loss and mean gradient over micro-batches (gradient accumulation), averaged across ranks."""
+        total_loss, total = None, None
+        for rows in micro_batches:
+            loss, grads = self._grad(params, self.backend.tokens(rows))
+            total_loss = loss if total_loss is None else total_loss + loss
+            total = grads if total is None else {k: total[k] + g for k, g in grads.items()}
+        n = float(len(micro_batches))
+        grads = {k: g / n for k, g in total.items()}
+        return self.backend.all_mean_scalar(total_loss / n), self.backend.all_mean(grads)
+
+    def step(self, params: dict, state: dict, micro_batches: list[np.ndarray], lr: float, step: int):
+        """One optimizer step; `step` is 1-based (AdamW's bias correction counts from 1)."""
+        ops = self.backend.ops
+        loss, grads = self.loss_and_grads(params, micro_batches)
+        params, state, norm = self._apply(params, state, grads, ops.scalar(lr), ops.scalar(float(step)))
+        self.backend.materialize((params, state, loss, norm))
+        return params, state, self.backend.item(loss), self.backend.item(norm)
+
+    def token_losses(self, params: dict, rows: np.ndarray) -> np.ndarray:
+        """Per-token next-token losses (nats) for rows of shape (batch, time + 1), as numpy."""
+        out = self._token_losses(params, self.backend.tokens(rows))
+        return self.backend.to_numpy({"x": out})["x"]

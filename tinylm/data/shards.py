@@ -41,10 +41,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -95,7 +95,7 @@ class ShardWriter:
         np.save(idx_tmp, np.asarray(self._offsets, dtype=np.int64))
         os.replace(self._tmp, self.dir / f"{self.split}.bin")
         os.replace(idx_tmp, self.dir / f"{self.split}.idx.npy")
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         return len(self._offsets) - 1, self._offsets[-1]
 
 

@@ -1,0 +1,146 @@
+"""Checkpoints: safetensors for weights and optimizer state, JSON for everything needed to resume.
+
+    <run>/checkpoints/step_00000100/
+        model.safetensors       parameters (float32, names as in tinylm.model.param_shapes)
+        optimizer.safetensors   optimizer slots (absent in imported or exported-only checkpoints)
+        state.json              step, tokens, seed, model shape, resolved recipe, data fingerprint
+        tokenizer.json          the tokenizer, so a checkpoint runs on its own
+
+A checkpoint directory is written under a temporary name, fsynced, then renamed, so a kill at any moment
+leaves either the previous checkpoints or the new one complete, never a half-written one under a real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from tinylm.data.shards import fsync_dir, atomic_write_json
+from tinylm.errors import UserError
+from tinylm.model import ModelShape, param_shapes
+
+FORMAT = 1
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    shape: ModelShape
+    params: dict[str, np.ndarray]
+    optimizer: dict[str, np.ndarray] | None
+    meta: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.meta.get("step", 0))
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        path = self.path / "tokenizer.json"
+        return path if path.is_file() else None
+
+
+def _save_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save(
+    run_dir: str | os.PathLike,
+    step: int,
+    params: dict[str, np.ndarray],
+    optimizer: dict[str, np.ndarray] | None,
+    meta: dict,
+    tokenizer: str | os.PathLike | None = None,
+    keep: int = 3,
+) -> Path:
+    """Write checkpoint `step` atomically under `run_dir/checkpoints/`, then keep only the last `keep`."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".step_{step:08d}.tmp{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    _save_tensors(tmp / "model.safetensors", params)
+    if optimizer is not None:
+        _save_tensors(tmp / "optimizer.safetensors", optimizer)
+    if tokenizer is not None and Path(tokenizer).is_file():
+        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+    atomic_write_json(tmp / "state.json", {"format": FORMAT, "step": step, **meta})
+    fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    for old in list_steps(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_steps(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary directories of killed writes are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or a run directory (its latest checkpoint)."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    steps = list_steps(path)
+    if steps:
+        return steps[-1]
+    raise UserError(f"no checkpoint at {path} (expected state.json, or checkpoints/step_*/ inside it)")
+
+
+def load(path: str | os.PathLike, with_optimizer: bool = True) -> Checkpoint:
+    """Read a checkpoint and check that its tensors match the shape it declares."""
+    path = resolve_path(path)
+    try:
+        meta = json.loads((path / "state.json").read_text())
+        shape = ModelShape(**meta["model"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path / 'state.json'} is damaged or not a tinylm checkpoint: {e}") from None
+    params = _load_tensors(path / "model.safetensors")
+    check_params(shape, params, str(path))
+    optimizer = None
+    if with_optimizer and (path / "optimizer.safetensors").is_file():
+        optimizer = _load_tensors(path / "optimizer.safetensors")
+    return Checkpoint(path, shape, params, optimizer, meta)
+
+
+def _load_tensors(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise UserError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is truncated or damaged: {e}") from None
+
+
+def check_params(shape: ModelShape, params: dict[str, np.ndarray], where: str) -> None:
+    """Every parameter of `shape` present with its shape, and nothing else."""
+    expected = param_shapes(shape)
+    for name, s in expected.items():
+        if name not in params:
+            raise UserError(f"{where}: parameter {name} is missing (checkpoint of another model shape?)")
+        if tuple(params[name].shape) != s:
+            raise UserError(f"{where}: parameter {name} has shape {tuple(params[name].shape)}, the model needs {s}")
+    extra = sorted(set(params) - set(expected))
+    if extra:
+        raise UserError(f"{where}: unexpected parameter {extra[0]} (checkpoint of another model shape?)")

@@ -1,0 +1,107 @@
+"""The `tinylm` command line: every command in one place."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from tinylm import model, recipe as recipes
+from tinylm.cli_base import make_app
+from tinylm.config import to_dict
+from tinylm.data.shards import MANIFEST, ShardSet
+
+app = make_app(help="Train sub-billion reasoning language models on MLX or PyTorch from one recipe.")
+
+SET_HELP = "Override a recipe value: section.key=value (repeatable)."
+
+
+def _shape_for(recipe: recipes.Recipe) -> model.ModelShape:
+    # Training takes the vocabulary from the tokenizer when the recipe sets none; say the same here.
+    vocab = None
+    if recipe.model.vocab_size is None and recipe.data.dir and (Path(recipe.data.dir) / MANIFEST).is_file():
+        vocab = ShardSet(recipe.data.dir).vocab_size
+    return model.resolve(recipe.model, vocab_size=vocab)
+
+
+@app.command()
+def info(
+    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe TOML file."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Show the resolved recipe, the parameter count and the training FLOPs per token."""
+    recipe = recipes.load(recipe_path, set_)
+    shape = _shape_for(recipe)
+    report = {
+        "recipe": to_dict(recipe),
+        "model": shape.to_dict(),
+        "params": model.count_params(shape),
+        "non_embedding_params": model.count_params(shape, embeddings=False),
+        "flops_per_token": model.flops_per_token(shape, recipe.train.seq_len),
+        "tokens_per_step": recipe.train.batch_size * recipe.train.grad_accum * recipe.train.seq_len,
+    }
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    print(json.dumps(report["recipe"], indent=2))
+    print(f"model: {recipe.model.preset} {shape.n_layers} layers x{shape.block_repeats}, dim {shape.dim}, "
+          f"heads {shape.n_heads}/{shape.n_kv_heads}, ffn {shape.ffn_dim}, vocab {shape.vocab_size}")
+    print(f"params: {report['params']:,} ({report['non_embedding_params']:,} without the embedding)")
+    print(f"flops per token: {report['flops_per_token']:.4g} at seq_len {recipe.train.seq_len}")
+
+
+@app.command()
+def train(
+    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe TOML file."),
+    backend: str = typer.Option("auto", help="auto, mlx or torch."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default: train.out from the recipe)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
+    allow_data_change: bool = typer.Option(False, "--allow-data-change", help="Resume even if the data changed."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+):
+    """Pretrain (or continue training) a model from a recipe."""
+    from tinylm.backends import get_backend, pick
+    from tinylm.progress import RunReporter
+    from tinylm.trainer import Trainer
+
+    recipe = recipes.load(recipe_path, set_)
+    reporter = RunReporter(enabled=not quiet)
+    name, why = pick(backend)
+    engine = get_backend(name, dtype=recipe.train.dtype, compile=recipe.train.compile)
+    reporter.say(f"backend: {name} on {engine.device_name} ({why})")
+    trainer = Trainer(recipe, engine, out=out, resume=resume, allow_data_change=allow_data_change, reporter=reporter)
+    summary = trainer.fit()
+    reporter.say(f"done: {trainer.out} " + json.dumps({k: v for k, v in summary.items() if k != "phase"}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for bad input, with a one-line message)."""
+    try:
+        app(args=argv, prog_name="tinylm", standalone_mode=False)
+    except typer.Exit as e:
+        return e.exit_code
+    except SystemExit as e:
+        return int(e.code or 0)
+    except Exception as e:  # click's usage errors
+        from click.exceptions import Abort, ClickException
+
+        if isinstance(e, ClickException):
+            e.show()
+            return 2
+        if isinstance(e, Abort):
+            return 130
+        raise
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,326 @@
+"""`prepare`: every source cleaned, tokenized and written as shards, with a manifest and a fingerprint.
+
+Cleaning runs one source per process on every core; tokenization runs in this process with `tokenizers`'
+batch encoder, which is itself multi-threaded. Re-running on unchanged inputs (same config, same files with the
+same sizes and modification times) does no work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from tinylm.data import synthetic
+from tinylm.data.clean import clean_documents, dedup_key
+from tinylm.data.config import DataConfig, SourceConfig
+from tinylm.data.shards import MANIFEST, ShardSet, ShardWriter, atomic_write_bytes, atomic_write_json, token_dtype
+from tinylm.data.sources import cpu_count, documents, signature, validate_source
+from tinylm.data.tokenizer import (BOS, EOS, PAD, SPECIAL_TOKENS, load_tokenizer, require_special, save_tokenizer,
+                                   token_bytes, train_tokenizer)
+from tinylm.errors import UserError
+
+FORMAT_VERSION = 1
+"""Bumped whenever prepare's output changes for the same input, so old data directories are rebuilt."""
+
+DEFAULT_DIR = "data/prepared"
+TOKENIZER_META = "tokenizer.meta.json"
+ENCODE_BATCH = 512
+
+
+def data_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.dir or DEFAULT_DIR)
+
+
+def resolve_sources(cfg: DataConfig) -> list[SourceConfig]:
+    """The recipe's sources, or the built-in synthetic mixture when it names none; validated."""
+    sources = list(cfg.sources) or synthetic.default_sources()
+    seen = set()
+    for src in sources:
+        validate_source(src)
+        if src.name in seen:
+            raise UserError(f"data source {src.name!r} is listed twice")
+        seen.add(src.name)
+    if not 0 <= cfg.val_fraction < 1:
+        raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    return sources
+
+
+def _digest(obj) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+
+
+def _tokenizer_signature(cfg: DataConfig) -> list:
+    if cfg.tokenizer.path:
+        p = Path(cfg.tokenizer.path)
+        st = p.stat() if p.is_file() else None
+        return [str(p), st.st_size if st else None, st.st_mtime_ns if st else None]
+    return [asdict(cfg.tokenizer)]
+
+
+def cleaning_fingerprint(cfg: DataConfig, sources: list[SourceConfig]) -> str:
+    """What the cleaned documents depend on: sources, their files, cleaning rules."""
+    return _digest([FORMAT_VERSION, [asdict(s) for s in sources], [signature(s) for s in sources], asdict(cfg.clean)])
+
+
+def input_fingerprint(cfg: DataConfig, sources: list[SourceConfig]) -> str:
+    """Everything the prepared directory depends on; equal fingerprints mean re-running would change nothing."""
+    return _digest([cleaning_fingerprint(cfg, sources), _tokenizer_signature(cfg), cfg.val_fraction])
+
+
+def is_up_to_date(cfg: DataConfig) -> bool:
+    root = data_dir(cfg)
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if manifest.get("input_fingerprint") != input_fingerprint(cfg, resolve_sources(cfg)):
+        return False
+    needed = [root / "tokenizer.json", root / "token_bytes.npy"]
+    for name in manifest.get("sources", {}):
+        needed += [root / name / f"{split}.{ext}" for split in ("train", "val") for ext in ("bin", "idx.npy")]
+    return all(p.is_file() for p in needed)
+
+
+def _clean_one(args) -> tuple[str, list[str], dict, float]:
+    src, clean_cfg = args
+    start = time.perf_counter()
+    docs = documents(src)
+    quality = src.quality if src.quality is not None else src.type != "synthetic"
+    kept, report = clean_documents(docs, clean_cfg, quality)
+    return src.name, kept, report, time.perf_counter() - start
+
+
+def _pool_context():
+    # forkserver children start from a clean interpreter: no inherited tokenizers thread pool (fork after
+    # `tokenizers` used its threads makes it warn and disable itself) and no inherited locks.
+    methods = mp.get_all_start_methods()
+    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def clean_sources(cfg: DataConfig, sources: list[SourceConfig], workers: int | None = None,
+                  progress=None) -> dict[str, tuple[list[str], dict]]:
+    """Read and clean every source, in parallel when there is more than one; a `UserError` if any is left empty."""
+    workers = min(workers or cfg.workers or cpu_count(), len(sources))
+    jobs = [(s, cfg.clean) for s in sources]
+    task = progress.add_task("cleaning", total=len(jobs)) if progress else None
+    results = {}
+    if workers <= 1:
+        outputs = map(_clean_one, jobs)
+        pool = None
+    else:
+        pool = _pool_context().Pool(workers)
+        outputs = pool.imap_unordered(_clean_one, jobs)
+    try:
+        for name, kept, report, _ in outputs:
+            results[name] = (kept, report)
+            if progress:
+                progress.advance(task)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    for src in sources:
+        kept, report = results[src.name]
+        if not kept:
+            dropped = {k: v for k, v in report["removed"].items() if v}
+            why = f" (removed: {dropped})" if dropped else ""
+            raise UserError(f"data source {src.name!r}: no documents left after cleaning "
+                            f"({report['input']} read){why}")
+    return {s.name: results[s.name] for s in sources}
+
+
+def tokenizer_sample(cleaned: dict[str, tuple[list[str], dict]], budget_chars: int, seed: int) -> list[str]:
+    """Documents from every source: half the budget split by size, half evenly, so small sources count too."""
+    sizes = {name: sum(map(len, docs)) for name, (docs, _) in cleaned.items()}
+    total = sum(sizes.values()) or 1
+    rng = random.Random(f"tinylm/tokenizer-sample/{seed}")
+    sample = []
+    for name, (docs, _) in cleaned.items():
+        quota = budget_chars * (0.5 * sizes[name] / total + 0.5 / len(cleaned))
+        order = list(range(len(docs)))
+        rng.shuffle(order)
+        taken = 0
+        for i in order:
+            if taken >= quota:
+                break
+            sample.append(docs[i])
+            taken += len(docs[i])
+    rng.shuffle(sample)
+    return sample
+
+
+def get_tokenizer(cfg: DataConfig, cleaned, root: Path, fingerprint: str):
+    """The recipe's tokenizer.json, a trained one reused from `root` if trained on the same input, or a new one."""
+    target = root / "tokenizer.json"
+    meta_path = root / TOKENIZER_META
+    if cfg.tokenizer.path:
+        tok = load_tokenizer(cfg.tokenizer.path)
+        if Path(cfg.tokenizer.path).resolve() != target.resolve():
+            atomic_write_bytes(target, Path(cfg.tokenizer.path).read_bytes())
+        return tok
+    key = _digest([fingerprint, asdict(cfg.tokenizer)])
+    try:
+        if json.loads(meta_path.read_text()).get("key") == key and target.is_file():
+            return load_tokenizer(target)
+    except (OSError, json.JSONDecodeError):
+        pass
+    sample = tokenizer_sample(cleaned, cfg.tokenizer.sample_chars, cfg.tokenizer.seed)
+    tok = train_tokenizer(sample, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+    save_tokenizer(tok, target)
+    atomic_write_json(meta_path, {"key": key, "sample_docs": len(sample), "sample_chars": sum(map(len, sample))})
+    return tok
+
+
+def split_docs(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, val) by document: the documents with the smallest content hashes are held out, so the choice
+    is stable when other documents are added or removed."""
+    n = len(docs)
+    n_val = 0 if n < 2 or val_fraction <= 0 else min(n - 1, max(1, math.ceil(val_fraction * n)))
+    ranked = sorted(range(n), key=lambda i: dedup_key(docs[i]))
+    val_ids = set(ranked[:n_val])
+    return [d for i, d in enumerate(docs) if i not in val_ids], [docs[i] for i in sorted(val_ids)]
+
+
+def _write_split(tok, docs: list[str], source_dir: Path, split: str, dtype, bos_id: int, progress, task) -> dict:
+    writer = ShardWriter(source_dir, split, dtype)
+    n_bytes = 0
+    bos = np.array([bos_id], dtype=np.int64)
+    for start in range(0, len(docs), ENCODE_BATCH):
+        batch = docs[start : start + ENCODE_BATCH]
+        for enc in tok.encode_batch_fast(batch, add_special_tokens=False):
+            writer.add(np.concatenate([bos, np.asarray(enc.ids, dtype=np.int64)]))
+        n_bytes += sum(len(d.encode("utf-8")) for d in batch)
+        if progress:
+            progress.advance(task, len(batch))
+    n_docs, n_tokens = writer.close()
+    return {"docs": n_docs, "tokens": n_tokens, "bytes": n_bytes}
+
+
+def content_fingerprint(root: Path, names: list[str]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for path in [root / "tokenizer.json"] + [root / n / f"{s}.{e}" for n in sorted(names)
+                                             for s in ("train", "val") for e in ("bin", "idx.npy")]:
+        h.update(path.relative_to(root).as_posix().encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), disable=not enabled, transient=True)
+
+
+def prepare(cfg: DataConfig, *, force: bool = False, progress: bool = True, workers: int | None = None) -> Path:
+    """Make (or confirm up to date) the prepared data directory of `cfg` and return its path."""
+    sources = resolve_sources(cfg)
+    root = data_dir(cfg)
+    fingerprint = input_fingerprint(cfg, sources)
+    if not force and is_up_to_date(cfg):
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    # A stale manifest beside half-rewritten shards would look valid; remove it before touching anything.
+    (root / MANIFEST).unlink(missing_ok=True)
+    started = time.perf_counter()
+    with _progress(progress and sys.stderr.isatty()) as bar:
+        cleaned = clean_sources(cfg, sources, workers, bar)
+        tok = get_tokenizer(cfg, cleaned, root, cleaning_fingerprint(cfg, sources))
+        where = cfg.tokenizer.path or str(root / "tokenizer.json")
+        bos_id, eos_id = require_special(tok, BOS, where), require_special(tok, EOS, where)
+        vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        dtype = token_dtype(vocab_size)
+        total_docs = sum(len(docs) for docs, _ in cleaned.values())
+        task = bar.add_task("tokenizing", total=total_docs)
+        entries = {}
+        for src in sources:
+            docs, report = cleaned[src.name]
+            train, val = split_docs(docs, cfg.val_fraction)
+            source_dir = root / src.name
+            if source_dir.exists() and not source_dir.is_dir():
+                raise UserError(f"data source {src.name!r}: {source_dir} exists and is not a folder")
+            entry = {split: _write_split(tok, part, source_dir, split, dtype, bos_id, bar, task)
+                     for split, part in (("train", train), ("val", val))}
+            text_tokens = sum(entry[s]["tokens"] - entry[s]["docs"] for s in ("train", "val"))
+            entry["bytes_per_token"] = round(sum(entry[s]["bytes"] for s in ("train", "val")) / max(1, text_tokens), 4)
+            entry["cleaning"] = report
+            entry["type"] = src.type
+            entries[src.name] = entry
+    np.save(root / ".token_bytes.tmp.npy", token_bytes(tok))
+    (root / ".token_bytes.tmp.npy").replace(root / "token_bytes.npy")
+    pad_id = tok.token_to_id(PAD)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "vocab_size": vocab_size,
+        "dtype": dtype.name,
+        "bos_id": bos_id,
+        "eos_id": eos_id,
+        "pad_id": pad_id,
+        "special_tokens": {t: tok.token_to_id(t) for t in SPECIAL_TOKENS if tok.token_to_id(t) is not None},
+        "tokenizer": "tokenizer.json",
+        "fingerprint": content_fingerprint(root, list(entries)),
+        "input_fingerprint": fingerprint,
+        "sources": entries,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    atomic_write_json(root / MANIFEST, manifest)
+    return root
+
+
+def open_prepared(cfg: DataConfig, **kwargs) -> ShardSet:
+    """`prepare` if needed, then open the result."""
+    return ShardSet(prepare(cfg, **kwargs))
+
+
+def remove_prepared(cfg: DataConfig) -> None:
+    """Delete a prepared directory (only if it looks like one), for a clean rebuild."""
+    root = data_dir(cfg)
+    if (root / MANIFEST).is_file() or (root / "tokenizer.json").is_file():
+        shutil.rmtree(root)
+
+
+def bytes_per_token(tok, docs: list[str]) -> float:
+    """UTF-8 bytes per token of `docs` under `tok` (higher is a better fit)."""
+    if not docs:
+        return 0.0
+    tokens = sum(len(e.ids) for e in tok.encode_batch_fast(docs, add_special_tokens=False))
+    return sum(len(d.encode("utf-8")) for d in docs) / max(1, tokens)
+
+
+def train_recipe_tokenizer(cfg: DataConfig, *, out: str | Path | None = None, workers: int | None = None,
+                           progress: bool = True) -> tuple[Path, dict[str, float]]:
+    """Train the recipe's tokenizer on a sample of every cleaned source, save it (by default into the data
+    directory, where `prepare` reuses it) and return its path with bytes per token for each source."""
+    sources = resolve_sources(cfg)
+    root = data_dir(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    with _progress(progress and sys.stderr.isatty()) as bar:
+        cleaned = clean_sources(cfg, sources, workers, bar)
+    if cfg.tokenizer.path:
+        tok = load_tokenizer(cfg.tokenizer.path)
+        path = Path(cfg.tokenizer.path)
+    else:
+        (root / TOKENIZER_META).unlink(missing_ok=True)
+        tok = get_tokenizer(cfg, cleaned, root, cleaning_fingerprint(cfg, sources))
+        path = root / "tokenizer.json"
+        if out is not None and Path(out).resolve() != path.resolve():
+            save_tokenizer(tok, out)
+            path = Path(out)
+    rng = random.Random(f"tinylm/bytes-per-token/{cfg.tokenizer.seed}")
+    report = {}
+    for name, (docs, _) in cleaned.items():
+        report[name] = round(bytes_per_token(tok, rng.sample(docs, min(len(docs), 500))), 4)
+    return path, report

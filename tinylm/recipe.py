@@ -1,0 +1,79 @@
+"""A recipe: one TOML file, one dataclass per section. Each component is handed only its own section."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tinylm import config
+from tinylm.data.config import DataConfig
+from tinylm.model import ModelConfig
+from tinylm.optim import OptimConfig
+from tinylm.schedule import ScheduleConfig
+
+
+@dataclass
+class TrainConfig:
+    """The `[train]` section."""
+
+    steps: int = 100
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Sequences per micro-batch on each rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (gradient accumulation)."""
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    seed: int = 0
+    """Seeds initialization and data sampling: the same seed gives the same run."""
+    dtype: str = "float32"
+    """Compute dtype: float32, or bfloat16 (parameters and optimizer state stay float32)."""
+    compile: bool = False
+    """Compile the step (mx.compile on MLX, torch.compile on PyTorch); worth it for long runs."""
+    log_every: int = 10
+    """Steps between metric rows."""
+    eval_every: int = 100
+    """Steps between validation losses (and the last step); 0 turns validation off."""
+    eval_rows: int = 32
+    """Validation sequences per evaluation."""
+    ckpt_every: int = 100
+    """Steps between checkpoints (and the last step)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept; older ones are deleted."""
+    out: str = "runs/default"
+    """Run directory (metrics.jsonl, checkpoints/); `tinylm train --out` overrides it."""
+    init_from: str = ""
+    """Start from this checkpoint's weights (fresh optimizer), e.g. for mid-training or fine-tuning."""
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass
+class Recipe:
+    """A whole recipe file."""
+
+    name: str = ""
+    """A label for the run."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    recipe = config.load(Recipe, path, overrides)
+    if not recipe.name:
+        recipe.name = Path(path).stem
+    return recipe
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

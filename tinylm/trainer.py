@@ -1,0 +1,169 @@
+"""The training loop, backend-agnostic: sample, step, log, validate, checkpoint, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tinylm import checkpoint, data_setup, model
+from tinylm.config import to_dict
+from tinylm.data.sampler import MixtureSampler, validation_rows
+from tinylm.errors import UserError
+from tinylm.mfu import format_mfu, mfu, peak_flops
+from tinylm.optim import check_state
+from tinylm.progress import RunReporter
+from tinylm.recipe import Recipe
+from tinylm.schedule import lr_at
+from tinylm.train_module import TrainModule
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per row, flushed as written; on resume, rows past the checkpoint go."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        self._file = open(path, "a")
+
+    def write(self, row: dict) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, backend, out: str | Path | None = None, resume: bool = False,
+                 allow_data_change: bool = False, reporter: RunReporter | None = None):
+        self.recipe = recipe
+        self.backend = backend
+        self.cfg = recipe.train
+        self.out = Path(out or recipe.train.out)
+        self.reporter = reporter or RunReporter(enabled=False)
+        self.shards = data_setup.open_prepared(recipe.data)
+        self.shape = model.resolve(recipe.model, vocab_size=None if recipe.model.vocab_size else self.shards.vocab_size)
+        if self.shape.vocab_size < self.shards.vocab_size:
+            raise UserError(f"model.vocab_size {self.shape.vocab_size} is smaller than the tokenizer's {self.shards.vocab_size}")
+        if self.cfg.seq_len > self.shape.max_seq_len:
+            raise UserError(f"train.seq_len {self.cfg.seq_len} exceeds the model's max_seq_len {self.shape.max_seq_len}")
+        self.world, self.rank = backend.world_size, backend.rank
+        rows_per_rank = self.cfg.batch_size * self.cfg.grad_accum
+        phases = data_setup.phases(recipe.data, self.shards, self.cfg.steps * rows_per_rank * self.world * self.cfg.seq_len)
+        self.sampler = MixtureSampler(self.shards, phases, self.cfg.seq_len, rows_per_rank * self.world, self.cfg.seed)
+        self.module = TrainModule(backend, self.shape, recipe.optim, self.cfg.dtype)
+        self.flops_per_token = model.flops_per_token(self.shape, self.cfg.seq_len)
+        self.peak = peak_flops(backend.device_name, self.cfg.dtype)
+        self._start(resume, allow_data_change)
+
+    def _start(self, resume: bool, allow_data_change: bool) -> None:
+        existing = checkpoint.list_steps(self.out)
+        if resume and existing:
+            ckpt = checkpoint.load(existing[-1])
+            if ckpt.shape != self.shape:
+                raise UserError(f"{ckpt.path}: checkpoint is of another model shape than the recipe's")
+            if ckpt.meta.get("data_fingerprint") != self.shards.fingerprint and not allow_data_change:
+                raise UserError(f"{ckpt.path}: the prepared data changed since this checkpoint "
+                                "(fingerprint differs); pass --allow-data-change to resume anyway")
+            if ckpt.optimizer is None:
+                raise UserError(f"{ckpt.path}: no optimizer state to resume from")
+            self.params = self.backend.from_numpy(ckpt.params)
+            self.state = self.backend.from_numpy(ckpt.optimizer)
+            check_state(self.recipe.optim, self.params, self.state, str(ckpt.path))
+            self.step = ckpt.step
+            self.reporter.say(f"resuming from {ckpt.path} at step {self.step}")
+        else:
+            if not resume and (existing or (self.out / "metrics.jsonl").exists()):
+                raise UserError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+            self.params = self.backend.from_numpy(self._initial_weights())
+            self.state = self.module.init_state(self.params)
+            self.step = 0
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", self.step if resume else None) if self.rank == 0 else None
+
+    def _initial_weights(self) -> dict:
+        if not self.cfg.init_from:
+            return model.init_params(self.shape, self.cfg.seed)
+        ckpt = checkpoint.load(self.cfg.init_from, with_optimizer=False)
+        if ckpt.shape != self.shape:
+            raise UserError(f"train.init_from {ckpt.path}: checkpoint is of another model shape than the recipe's")
+        return ckpt.params
+
+    def _log(self, row: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(row)
+
+    def validate(self) -> dict:
+        rows = validation_rows(self.shards, self.cfg.seq_len, self.cfg.eval_rows)
+        token_bytes = self.shards.token_bytes()
+        nats, nbytes, ntokens = 0.0, 0, 0
+        for i in range(0, len(rows), self.cfg.batch_size):
+            chunk = rows[i : i + self.cfg.batch_size]
+            losses = self.module.token_losses(self.params, chunk)
+            nats += float(losses.sum(dtype=np.float64))
+            nbytes += int(token_bytes[chunk[:, 1:]].sum())
+            ntokens += losses.size
+        bpb = nats / (math.log(2) * nbytes) if nbytes else float("nan")
+        return {"val_loss": nats / ntokens, "val_bpb": bpb}
+
+    def save(self) -> None:
+        if self.rank != 0:
+            return
+        meta = {
+            "tokens": self.step * self.sampler.tokens_per_step,
+            "seed": self.cfg.seed,
+            "backend": self.backend.name,
+            "model": self.shape.to_dict(),
+            "config": to_dict(self.recipe),
+            "data_fingerprint": self.shards.fingerprint,
+            "phase": self.sampler.phases[self.sampler.phase_index(self.step)].name,
+        }
+        checkpoint.save(self.out, self.step, self.backend.to_numpy(self.params), self.backend.to_numpy(self.state),
+                        meta, tokenizer=self.shards.tokenizer_path, keep=self.cfg.keep_checkpoints)
+
+    def fit(self) -> dict:
+        cfg, per_rank = self.cfg, self.cfg.batch_size * self.cfg.grad_accum
+        last = {}
+        step_time, step_tokens = 0.0, 0
+        self.reporter.start(self.step, cfg.steps)
+        while self.step < cfg.steps:
+            lr = lr_at(self.recipe.schedule, self.recipe.optim.lr, self.step, cfg.steps)
+            rows = self.sampler.batch(self.step)[self.rank * per_rank : (self.rank + 1) * per_rank]
+            t0 = time.perf_counter()
+            self.params, self.state, loss, gnorm = self.module.step(
+                self.params, self.state, np.split(rows, cfg.grad_accum), lr, self.step + 1)
+            step_time += time.perf_counter() - t0
+            step_tokens += self.sampler.tokens_per_step
+            if not math.isfinite(loss):
+                raise UserError(f"loss became {loss} at step {self.step + 1}; stopped without saving "
+                                f"(checkpoints already in {self.out / 'checkpoints'} are kept)")
+            self.step += 1
+            final = self.step == cfg.steps
+            if self.step % cfg.log_every == 0 or final:
+                tps = step_tokens / step_time
+                util = mfu(tps, self.flops_per_token, self.peak)
+                last = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": gnorm,
+                        "tokens": self.step * self.sampler.tokens_per_step, "tokens_per_s": tps, "mfu": util,
+                        "phase": self.sampler.phases[self.sampler.phase_index(self.step - 1)].name}
+                self._log(last)
+                self.reporter.say(f"step {self.step}: loss {loss:.4f} lr {lr:.2e} grad {gnorm:.3f} "
+                                  f"{tps:,.0f} tok/s mfu {format_mfu(util)}")
+                step_time, step_tokens = 0.0, 0
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or final):
+                val = self.validate()
+                self._log({"step": self.step, **val})
+                last.update(val)
+                self.reporter.say(f"step {self.step}: val_loss {val['val_loss']:.4f} val_bpb {val['val_bpb']:.4f}")
+            if self.step % cfg.ckpt_every == 0 or final:
+                self.save()
+            self.reporter.advance(self.step, loss)
+        self.reporter.stop()
+        if self.metrics is not None:
+            self.metrics.close()
+        return last

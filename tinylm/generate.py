@@ -1,0 +1,225 @@
+"""Text generation with a KV cache on either backend: greedy or sampled decoding of batches of prompts.
+
+Prompts of different lengths are left-padded into one batch. Padded positions are masked out of attention;
+since RoPE only sees differences of positions, shifting a row's real tokens to the right by its padding leaves
+its attention scores unchanged, so a padded row decodes as it would alone and the model needs no per-row
+position offsets. Sampling happens in numpy on the last position's log-probabilities, so the same seed draws
+the same tokens on every backend.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from tinylm import model
+from tinylm.errors import UserError
+
+from tinylm.data.tokenizer import ASSISTANT, BOS, END, EOS, PAD, load_tokenizer, render_chat
+
+
+@dataclass
+class SamplingConfig:
+    max_tokens: int = 128
+    temperature: float = 0.0
+    """0 means greedy."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Keep the smallest set of most likely tokens whose probability reaches top_p."""
+    stop_strings: Sequence[str] = ()
+    seed: int = 0
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    """"stop" (a stop token or string) or "length"."""
+    logprobs: list[np.ndarray] = field(default_factory=list, repr=False)
+    """The distribution each generated token was drawn from (only when asked for)."""
+
+
+class Model:
+    """One set of weights on a backend, scored and decoded through numpy arrays of token ids."""
+
+    def __init__(self, backend, shape: model.ModelShape, params: dict):
+        self.backend = backend
+        self.shape = shape
+        if params and isinstance(next(iter(params.values())), np.ndarray):
+            params = backend.from_numpy(params)
+        self.params = params
+        self.vocab_size = shape.vocab_size
+        self.max_len = shape.max_seq_len
+
+    def _run(self, tokens: np.ndarray, cache, mask):
+        return model.forward(self.backend.ops, self.params, self.backend.tokens(tokens), self.shape, cache, mask)
+
+    def _fetch(self, logits, cache):
+        ops = self.backend.ops
+        lp = ops.log_softmax(logits[:, -1, :])
+        self.backend.materialize((lp, cache))
+        return self.backend.to_numpy({"x": lp})["x"].astype(np.float64)
+
+    def token_logprobs(self, rows: np.ndarray) -> np.ndarray:
+        """rows (batch, time + 1) -> log-probability of each next token, (batch, time)."""
+        ops = self.backend.ops
+        logits = self._run(rows[:, :-1], None, "causal")
+        nll = ops.cross_entropy(logits, self.backend.tokens(rows[:, 1:]))
+        return -self.backend.to_numpy({"x": nll})["x"].astype(np.float64)
+
+    def start(self, tokens: np.ndarray, keep: np.ndarray | None):
+        """Prefill a (batch, time) prompt; `keep` is False at padding. Returns (log-probs (batch, vocab), state)."""
+        logits, cache = self._run(tokens, [], self._mask(keep, tokens.shape[1]))
+        return self._fetch(logits, cache), cache
+
+    def step(self, state, tokens: np.ndarray, keep: np.ndarray | None):
+        """Feed one token per row; `keep` covers the whole sequence so far, this token included."""
+        logits, cache = self._run(tokens[:, None], state, self._mask(keep, 1))
+        return self._fetch(logits, cache), cache
+
+    def _mask(self, keep: np.ndarray | None, t: int):
+        if keep is None:
+            return "causal" if t > 1 else None
+        s = keep.shape[1]
+        allowed = np.tril(np.ones((t, s), dtype=bool), k=s - t)[None] & keep[:, None, :]
+        # Every query attends at least to itself, so rows of pure padding stay finite instead of NaN.
+        allowed |= np.eye(t, s, k=s - t, dtype=bool)[None]
+        return self.backend.from_numpy({"m": allowed[:, None]})["m"]
+
+
+def special_ids(tok, meta: dict | None = None) -> dict[str, int | None]:
+    """bos/eos/pad/end ids, by the names a checkpoint records (imported ones) or tinylm's own."""
+    names = dict(bos=BOS, eos=EOS, pad=PAD, end=END)
+    names.update((meta or {}).get("special_tokens", {}))
+    return {k: (tok.token_to_id(v) if v else None) for k, v in names.items()}
+
+
+def adds_bos(meta: dict | None) -> bool:
+    return bool((meta or {}).get("add_bos", True))
+
+
+def encode_prompt(tok, text: str, meta: dict | None = None) -> list[int]:
+    ids = tok.encode(text, add_special_tokens=False).ids
+    bos = special_ids(tok, meta)["bos"]
+    return ([bos] if bos is not None and adds_bos(meta) else []) + ids
+
+
+def chat_prompt(messages: list[dict]) -> str:
+    """`<|user|>...<|end|><|assistant|>`: the layout SFT data is rendered in, opened for the assistant's turn."""
+    try:
+        return render_chat(messages) + ASSISTANT
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def sample(logprobs: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> np.ndarray:
+    """One token id per row of (batch, vocab) log-probabilities."""
+    if cfg.temperature <= 0:
+        return logprobs.argmax(-1)
+    x = logprobs / cfg.temperature
+    if 0 < cfg.top_k < x.shape[-1]:
+        kth = np.sort(x, axis=-1)[:, -cfg.top_k][:, None]
+        x = np.where(x < kth, -np.inf, x)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if cfg.top_p < 1.0:
+        order = np.argsort(-p, axis=-1)
+        sorted_p = np.take_along_axis(p, order, -1)
+        # A token stays if the mass before it is still short of top_p, so the top token always stays.
+        drop_sorted = (np.cumsum(sorted_p, -1) - sorted_p) >= cfg.top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, -1)
+        p = np.where(drop, 0.0, p)
+        p /= p.sum(-1, keepdims=True)
+    u = rng.random((p.shape[0], 1))
+    return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1)
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else -1
+
+
+def generate_ids(
+    lm,
+    tok,
+    prompts: list[list[int]],
+    cfg: SamplingConfig,
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    on_text: Callable[[int, str], None] | None = None,
+    keep_logprobs: bool = False,
+) -> list[Completion]:
+    """Decode every prompt (lists of ids) in one batch. `lm` is a `Model` or a committee of them."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("generation needs at least one non-empty prompt")
+    room = max(lm.max_len - cfg.max_tokens, 1)
+    prompts = [list(p[-room:]) for p in prompts]
+    b, longest = len(prompts), max(len(p) for p in prompts)
+    tokens = np.full((b, longest), pad_id, dtype=np.int64)
+    keep = np.zeros((b, longest), dtype=bool)
+    for i, p in enumerate(prompts):
+        tokens[i, longest - len(p):] = p
+        keep[i, longest - len(p):] = True
+    ragged = not keep.all()
+    rng = np.random.default_rng(cfg.seed)
+    stop_set = {int(t) for t in stop_ids if t is not None}
+    out = [Completion("", [], "length") for _ in range(b)]
+    done = np.zeros(b, dtype=bool)
+    shown = [0] * b
+
+    logprobs, state = lm.start(tokens, keep if ragged else None)
+    for _ in range(cfg.max_tokens):
+        nxt = sample(logprobs, cfg, rng)
+        for i in np.flatnonzero(~done):
+            t = int(nxt[i])
+            if t in stop_set:
+                done[i], out[i].finish_reason = True, "stop"
+                continue
+            c = out[i]
+            c.tokens.append(t)
+            if keep_logprobs:
+                c.logprobs.append(logprobs[i].copy())
+            c.text = tok.decode(c.tokens, skip_special_tokens=False)
+            cut = _find_stop(c.text, cfg.stop_strings)
+            if cut >= 0:
+                c.text, done[i], c.finish_reason = c.text[:cut], True, "stop"
+            # Hold back an incomplete UTF-8 sequence, which decodes as U+FFFD until its last byte arrives.
+            if on_text is not None and not c.text.endswith("\ufffd") and len(c.text) > shown[i]:
+                on_text(i, c.text[shown[i]:])
+                shown[i] = len(c.text)
+        if done.all():
+            break
+        keep = np.concatenate([keep, np.ones((b, 1), dtype=bool)], axis=1) if ragged else None
+        logprobs, state = lm.step(state, np.where(done, pad_id, nxt).astype(np.int64), keep)
+    return out
+
+
+def generate(lm, tok, texts: list[str], cfg: SamplingConfig, meta: dict | None = None,
+             on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+    """Continue each text; stops at end-of-text, end-of-turn or beginning-of-document tokens."""
+    ids = special_ids(tok, meta)
+    stops = [ids["eos"], ids["end"], ids["bos"]]
+    pad = ids["pad"] if ids["pad"] is not None else (ids["eos"] or 0)
+    return generate_ids(lm, tok, [encode_prompt(tok, t, meta) for t in texts], cfg, stops, pad, on_text)
+
+
+def load_model(path: str | os.PathLike, backend_name: str = "auto"):
+    """(Model, tokenizer, checkpoint) for a checkpoint directory, in float32."""
+    from tinylm import checkpoint
+    from tinylm.backends import get_backend
+
+    ckpt = checkpoint.load(path, with_optimizer=False)
+    tok = load_checkpoint_tokenizer(ckpt)
+    return Model(get_backend(backend_name, "float32"), ckpt.shape, ckpt.params), tok, ckpt
+
+
+def load_checkpoint_tokenizer(ckpt):
+    if ckpt.tokenizer_path is None:
+        raise UserError(f"{ckpt.path} has no tokenizer.json; generation and evaluation need one")
+    return load_tokenizer(ckpt.tokenizer_path)

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+import string
 import unicodedata
+import zlib
 from collections import Counter
+
+import numpy as np
 
 from tinylm.data.config import CleanConfig
 from tinylm.errors import UserError
@@ -29,7 +33,7 @@ RULES = (
 
 _WS = re.compile(r"\s+")
 _SYMBOL = re.compile(r"#+|\.\.\.|\u2026")
-_PUNCT_EDGES = re.compile(r"^\W+|\W+$")
+_PUNCTUATION = string.punctuation + "\u2026\u201c\u201d\u2018\u2019"
 
 
 def normalize(text: str) -> str:
@@ -47,7 +51,7 @@ def quality_failure(text: str, cfg: CleanConfig) -> str | None:
     words = text.split()
     if not words:
         return "mean_word_length"
-    bare = [w for w in (_PUNCT_EDGES.sub("", w) for w in words) if w]
+    bare = [w for w in (w.strip(_PUNCTUATION) for w in words) if w]
     mean_len = sum(map(len, bare)) / len(bare) if bare else 0.0
     if not cfg.min_mean_word_length <= mean_len <= cfg.max_mean_word_length:
         return "mean_word_length"
@@ -79,11 +83,31 @@ def repeated_ngram_share(words: list[str], n: int) -> float:
     return sum(len(w) for w, c in zip(words, covered) if c) / total if total else 0.0
 
 
-def _shingles(text: str, n: int) -> list[bytes]:
-    words = _WS.sub(" ", text.casefold()).split()
-    if len(words) <= n:
-        return [" ".join(words).encode()]
-    return list({" ".join(words[i : i + n]).encode() for i in range(len(words) - n + 1)})
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def shingle_hashes(text: str, n: int, cache: dict[str, int]) -> np.ndarray:
+    """32-bit hashes of the document's distinct word n-grams (case-folded), computed with numpy.
+
+    Hashing each shingle's bytes in Python was most of the cost of cleaning; here each distinct word is hashed
+    once (crc32, cached) and n-grams are combined arithmetically.
+    """
+    words = text.casefold().split()
+    if not words:
+        return np.zeros(1, dtype=np.uint32)
+    for w in set(words).difference(cache):
+        b = w.encode()
+        cache[w] = zlib.crc32(b) | (zlib.adler32(b) << 32)
+    ids = np.array([cache[w] for w in words], dtype=np.uint64)
+    k = min(n, len(words))
+    count = len(words) - k + 1
+    combined = np.zeros(count, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(k):
+            combined = combined * _MIX + ids[j : j + count]
+        combined ^= combined >> np.uint64(29)
+        combined *= _MIX
+    return np.unique((combined >> np.uint64(32)).astype(np.uint32))
 
 
 def near_duplicates(docs: list[str], cfg: CleanConfig, seed: int = 1) -> list[bool]:
@@ -96,15 +120,16 @@ def near_duplicates(docs: list[str], cfg: CleanConfig, seed: int = 1) -> list[bo
     if not 0 < cfg.near_dedup_threshold < 1:
         raise UserError(f"data.clean.near_dedup_threshold must be between 0 and 1, got {cfg.near_dedup_threshold}")
     lsh = MinHashLSH(threshold=cfg.near_dedup_threshold, num_perm=cfg.near_dedup_num_perm)
-    template = MinHash(num_perm=cfg.near_dedup_num_perm, seed=seed)
+    # Shingles arrive already hashed, so the hash function is the identity.
+    template = MinHash(num_perm=cfg.near_dedup_num_perm, seed=seed, hashfunc=int)
     signatures: dict[int, MinHash] = {}
+    cache: dict[str, int] = {}
     out = []
     for i, text in enumerate(docs):
         mh = template.copy()
-        mh.update_batch(_shingles(text, cfg.near_dedup_shingle))
+        mh.update_batch(shingle_hashes(text, cfg.near_dedup_shingle, cache).tolist())
         # LSH only proposes candidates; confirm with the estimated Jaccard so the threshold means what it says.
-        dup = any(mh.jaccard(other) >= cfg.near_dedup_threshold for other in
-                  (signatures[k] for k in lsh.query(mh))) if i else False
+        dup = any(mh.jaccard(signatures[k]) >= cfg.near_dedup_threshold for k in lsh.query(mh)) if i else False
         if not dup:
             lsh.insert(i, mh)
             signatures[i] = mh

@@ -14,6 +14,13 @@ from tinylm.errors import UserError
 app = typer.Typer(help="Prepare token shards and compute mixture weights.", no_args_is_help=True)
 tokenizer_app = typer.Typer(help="Train or inspect the tokenizer.", no_args_is_help=True)
 
+
+
+@tokenizer_app.callback()
+def _tokenizer_group():
+    """Train or inspect the tokenizer."""
+
+
 SET_HELP = "Override a recipe value: section.key=value (repeatable)."
 
 

@@ -132,7 +132,11 @@ def compute_mixture(data_cfg: DataConfig, shards: ShardSet, total_tokens: int, *
         phase_tokens = end - start
         if phase_tokens <= 0:
             raise UserError(f"mixture phase {phase.name!r} has no tokens (total {total_tokens})")
-        weights = cap_weights(raw, {g: room[g] - used[g] for g in sizes}, phase_tokens, phase.name)
+        capped = cap_weights(raw, {g: room[g] - used[g] for g in sizes}, phase_tokens, phase.name)
+        method_weights = normalized(raw, f"mixture phase {phase.name!r}")
+        # Every source appears in every phase's report, with 0 where the phase does not draw from it.
+        weights = {g: capped.get(g, 0.0) for g in all_sizes}
+        method_weights = {g: method_weights.get(g, 0.0) for g in all_sizes}
         tokens = {g: w * phase_tokens for g, w in weights.items()}
         for g, t in tokens.items():
             used[g] += t
@@ -142,7 +146,7 @@ def compute_mixture(data_cfg: DataConfig, shards: ShardSet, total_tokens: int, *
             "start_tokens": start,
             "tokens": phase_tokens,
             "weights": weights,
-            "method_weights": normalized(raw, f"mixture phase {phase.name!r}"),
+            "method_weights": method_weights,
             "tokens_per_source": {g: int(round(t)) for g, t in tokens.items()},
             "epochs": {g: (t / all_sizes[g] if all_sizes[g] else 0.0) for g, t in tokens.items()},
             "details": details,

@@ -1,0 +1,69 @@
+import unicodedata
+
+from tinylm.data.clean import RULES, clean_documents, quality_failure, repeated_ngram_share
+from tinylm.data.config import CleanConfig
+
+PROSE = [
+    "The river ran past the mill where the old miller kept his grain in a wooden loft above the wheel.",
+    "In spring the orchard filled with blossom and the bees worked from dawn until the light went grey.",
+    "A lighthouse keeper wrote letters every night and sent them with the supply boat each second week.",
+    "Children at the village school learned to count with shells gathered from the beach after storms.",
+]
+
+LONG = [
+    "Merchants crossed the northern pass with salt, copper and dyed wool, trading at every inn along the road.",
+    "The astronomer measured the height of each star with a brass quadrant and logged the numbers by candle.",
+    "Fishermen mended nets on the quay while gulls argued over scraps near the harbour wall at low tide.",
+    "Her grandmother baked rye loaves on Fridays and traded them for eggs, cheese and news from the valley.",
+]
+
+
+def test_planted_exact_and_near_duplicates_are_removed_and_counted():
+    long_doc = " ".join(PROSE + LONG)
+    near = long_doc.replace("orchard", "garden", 1)
+    docs = PROSE + [PROSE[0], "  " + PROSE[1].upper() + "  ", long_doc, near, "", "too short"]
+    kept, report = clean_documents(docs, CleanConfig(), quality=True)
+    removed = report["removed"]
+    assert removed["exact_duplicate"] == 2
+    assert removed["near_duplicate"] == 1
+    assert removed["empty"] == 1 and removed["too_short"] == 1
+    assert report["input"] == report["kept"] + sum(removed.values())
+    assert kept == PROSE + [long_doc]
+    assert list(removed) == list(RULES)
+
+
+def test_near_dedup_threshold_is_configurable():
+    a = " ".join(PROSE)
+    b = a.replace("grain", "corn").replace("bees", "wasps").replace("letters", "notes")
+    assert clean_documents([a, b], CleanConfig(near_dedup_threshold=0.5), quality=False)[1]["removed"]["near_duplicate"] == 1
+    assert clean_documents([a, b], CleanConfig(near_dedup_threshold=0.95), quality=False)[1]["removed"]["near_duplicate"] == 0
+
+
+def test_nfc_normalization_is_applied_and_counted():
+    decomposed = unicodedata.normalize("NFD", "Café society gathered beside the fountain every single evening.")
+    kept, report = clean_documents([decomposed], CleanConfig(), quality=True)
+    assert kept == [unicodedata.normalize("NFC", decomposed)]
+    assert report["nfc_changed"] == 1
+
+
+def test_each_quality_rule_fires():
+    cfg = CleanConfig(repeated_ngram_n=3, max_repeated_ngram_share=0.3)
+    assert quality_failure("a b c d e f g h i j k", cfg) == "mean_word_length"
+    assert quality_failure("supercalifragilistic antidisestablishment " * 3, cfg) == "mean_word_length"
+    assert quality_failure("#tag #other words here #more #and #again", cfg) == "symbol_word_ratio"
+    ellipsis = "\n".join(["and then it went on...", "and again we waited...", "the story told here"])
+    assert quality_failure(ellipsis, CleanConfig(max_symbol_word_ratio=1)) == "ellipsis_lines"
+    assert quality_failure("buy cheap shoes now " * 6, cfg) == "repeated_ngrams"
+    assert quality_failure(PROSE[0], cfg) is None
+
+
+def test_quality_rules_are_counted_and_can_be_off():
+    spam = "buy cheap shoes now buy cheap shoes now buy cheap shoes now buy cheap shoes now buy cheap shoes now"
+    cfg = CleanConfig(repeated_ngram_n=3)
+    assert clean_documents([spam], cfg, quality=True)[1]["removed"]["repeated_ngrams"] == 1
+    assert clean_documents([spam], cfg, quality=False)[0] == [spam]
+
+
+def test_repeated_ngram_share_bounds():
+    assert repeated_ngram_share("one two three".split(), 5) == 0
+    assert repeated_ngram_share("x y x y x y".split(), 2) == 1

@@ -1,0 +1,273 @@
+"""Hugging Face interop: export a checkpoint as a `transformers` model directory, import one back.
+
+tinylm's parameter names already follow the Llama layout, so export adds the `model.` prefix and writes a
+config for an architecture `transformers` knows: LlamaForCausalLM, or Qwen3ForCausalLM when the model uses
+QK-norm (Qwen3 normalizes each head's queries and keys before RoPE, as tinylm does). Block-wise sharing has no
+equivalent there, so shared blocks are written out once per application; the config remembers the repeat
+count, so importing the export folds them back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from tinylm import checkpoint
+from tinylm.errors import UserError
+from tinylm.generate import ASSISTANT, BOS, END, EOS, PAD, adds_bos, special_ids
+from tinylm.model import ModelShape
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '" + END + "' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}"
+)
+
+
+def _config(shape: ModelShape, ids: dict, eos_ids: list[int]) -> dict:
+    arch = "Qwen3ForCausalLM" if shape.qk_norm else "LlamaForCausalLM"
+    cfg = {
+        "architectures": [arch],
+        "model_type": ARCHITECTURES[arch],
+        "vocab_size": shape.vocab_size,
+        "hidden_size": shape.dim,
+        "intermediate_size": shape.ffn_dim,
+        "num_hidden_layers": shape.depth,
+        "num_attention_heads": shape.n_heads,
+        "num_key_value_heads": shape.n_kv_heads,
+        "head_dim": shape.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": shape.max_seq_len,
+        "initializer_range": shape.init_std,
+        "rms_norm_eps": shape.norm_eps,
+        "tie_word_embeddings": shape.tie_embeddings,
+        # Older transformers read rope_theta, newer ones rope_parameters; both name the same plain RoPE.
+        "rope_theta": shape.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": shape.rope_theta},
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": ids["bos"],
+        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else (eos_ids or None),
+        "pad_token_id": ids["pad"],
+        "use_cache": True,
+        "torch_dtype": "float32",
+        "tinylm": {"block_repeats": shape.block_repeats},
+    }
+    if arch == "LlamaForCausalLM":
+        cfg.update(mlp_bias=False, pretraining_tp=1)
+    else:
+        cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=shape.depth)
+    return cfg
+
+
+def _hf_tensors(shape: ModelShape, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {"model.embed_tokens.weight": params["embed_tokens.weight"], "model.norm.weight": params["norm.weight"]}
+    if not shape.tie_embeddings:
+        out["lm_head.weight"] = params["lm_head.weight"]
+    for name, value in params.items():
+        if not name.startswith("layers."):
+            continue
+        _, i, rest = name.split(".", 2)
+        for r in range(shape.block_repeats):
+            out[f"model.layers.{int(i) * shape.block_repeats + r}.{rest}"] = value
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def export_hf(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write a directory that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer` load (float32)."""
+    from tokenizers import processors
+
+    from tinylm.generate import load_checkpoint_tokenizer
+
+    ckpt = checkpoint.load(ckpt_path, with_optimizer=False)
+    tok = load_checkpoint_tokenizer(ckpt)
+    meta = ckpt.meta
+    ids = special_ids(tok, meta)
+    names = {k: (tok.id_to_token(v) if v is not None else None) for k, v in ids.items()}
+    eos_ids = [i for i in (ids["eos"], ids["end"]) if i is not None]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    save_file(_hf_tensors(ckpt.shape, ckpt.params), str(out / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(out / "config.json", _config(ckpt.shape, ids, eos_ids))
+    _write_json(out / "generation_config.json", {"bos_token_id": ids["bos"], "eos_token_id": eos_ids or None,
+                                                 "pad_token_id": ids["pad"]})
+    # transformers tokenizes with special tokens by default; tinylm documents start with BOS, so the exported
+    # tokenizer adds it the way Llama's does and `tokenizer(text)` feeds the model what it was trained on.
+    if tok.post_processor is None and names["bos"] and adds_bos(meta):
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{names['bos']} $A", pair=f"{names['bos']} $A {names['bos']} $B",
+            special_tokens=[(names["bos"], ids["bos"])])
+    tok.save(str(out / "tokenizer.json"))
+    tok_cfg = dict(meta.get("hf_tokenizer_config") or {})
+    tok_cfg.pop("added_tokens_decoder", None)
+    tok_cfg.setdefault("chat_template", CHAT_TEMPLATE)
+    tok_cfg.update({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": ckpt.shape.max_seq_len,
+                    "clean_up_tokenization_spaces": False})
+    for key in ("bos", "eos", "pad"):
+        if names[key]:
+            tok_cfg[f"{key}_token"] = names[key]
+    _write_json(out / "tokenizer_config.json", tok_cfg)
+    _write_json(out / "special_tokens_map.json", {f"{k}_token": names[k] for k in ("bos", "eos", "pad") if names[k]})
+    return out
+
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors as float32, bfloat16 included (which numpy has no type for)."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+            data = f.read()
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is truncated or not a safetensors file: {e}") from None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        if end > len(data):
+            raise UserError(f"{path} is truncated (tensor {name} runs past the end of the file)")
+        raw = np.frombuffer(data[start:end], dtype=_DTYPES[info["dtype"]])
+        if info["dtype"] == "BF16":
+            raw = (raw.astype(np.uint32) << 16).view(np.float32)
+        out[name] = raw.astype(np.float32).reshape(info["shape"])
+    return out
+
+
+def _read_weights(hf_dir: Path) -> dict[str, np.ndarray]:
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (hf_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise UserError(f"{hf_dir} has no model.safetensors (only safetensors weights can be imported)")
+    tensors = {}
+    for name in files:
+        tensors.update(read_safetensors(hf_dir / name))
+    return tensors
+
+
+def _token_name(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _shape_from_config(cfg: dict, where: Path) -> tuple[str, ModelShape]:
+    arch = (cfg.get("architectures") or [None])[0]
+    if arch not in ARCHITECTURES:
+        raise UserError(f"{where}: architecture {arch!r} is not supported (tinylm imports {', '.join(ARCHITECTURES)})")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    problems = [
+        cfg.get("hidden_act", "silu") != "silu" and f"hidden_act {cfg.get('hidden_act')}",
+        cfg.get("attention_bias") and "attention biases",
+        cfg.get("mlp_bias") and "MLP biases",
+        rope.get("rope_type", rope.get("type", "default")) != "default" and f"rope type {rope.get('rope_type')}",
+        cfg.get("use_sliding_window") and "sliding-window attention",
+    ]
+    heads, dim = cfg["num_attention_heads"], cfg["hidden_size"]
+    if cfg.get("head_dim", dim // heads) != dim // heads:
+        problems.append(f"head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
+    problems = [p for p in problems if p]
+    if problems:
+        raise UserError(f"{where}: unsupported {arch} variant ({'; '.join(problems)})")
+    shape = ModelShape(
+        n_layers=cfg["num_hidden_layers"], dim=dim, n_heads=heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or heads, ffn_dim=cfg["intermediate_size"],
+        vocab_size=cfg["vocab_size"], rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+        max_seq_len=cfg.get("max_position_embeddings", 2048), tie_embeddings=bool(cfg.get("tie_word_embeddings")),
+        qk_norm=arch == "Qwen3ForCausalLM", norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        init_std=cfg.get("initializer_range", 0.02))
+    return arch, shape
+
+
+def _fold_repeats(params: dict, n_layers: int, repeats: int) -> dict | None:
+    """Undo the unrolling of shared blocks when every group of `repeats` layers is identical."""
+    if repeats <= 1 or n_layers % repeats:
+        return None
+    folded = {}
+    for name, value in params.items():
+        if not name.startswith("layers."):
+            folded[name] = value
+            continue
+        _, i, rest = name.split(".", 2)
+        i = int(i)
+        first = params[f"layers.{i - i % repeats}.{rest}"]
+        if not np.array_equal(first, value):
+            return None
+        if i % repeats == 0:
+            folded[f"layers.{i // repeats}.{rest}"] = value
+    return folded
+
+
+def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Read a local Llama or Qwen3 model directory into a tinylm checkpoint (step 0) under `out_dir`."""
+    import dataclasses
+
+    from tinylm.data.tokenizer import load_tokenizer
+
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise UserError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
+    try:
+        cfg = json.loads((hf_dir / "config.json").read_text())
+        arch, shape = _shape_from_config(cfg, hf_dir)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{hf_dir / 'config.json'} is damaged or incomplete: {e!r}") from None
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise UserError(f"{hf_dir} has no tokenizer.json (tinylm needs the fast tokenizer file)")
+    tok = load_tokenizer(hf_dir / "tokenizer.json")
+
+    params = {k.removeprefix("model."): v for k, v in _read_weights(hf_dir).items()}
+    params = {k: v for k, v in params.items() if not k.endswith("rotary_emb.inv_freq")}
+    if "lm_head.weight" not in params:
+        shape = dataclasses.replace(shape, tie_embeddings=True)
+    elif shape.tie_embeddings:
+        params.pop("lm_head.weight")
+    repeats = int((cfg.get("tinylm") or {}).get("block_repeats", 1))
+    folded = _fold_repeats(params, shape.n_layers, repeats)
+    if folded is not None:
+        params, shape = folded, dataclasses.replace(shape, n_layers=shape.n_layers // repeats, block_repeats=repeats)
+    checkpoint.check_params(shape, params, str(hf_dir))
+
+    tok_cfg_path = hf_dir / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.is_file() else {}
+    gen_path = hf_dir / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+
+    def name_of(key: str, fallback: str) -> str | None:
+        value = _token_name(tok_cfg.get(f"{key}_token"))
+        if value is None and isinstance(cfg.get(f"{key}_token_id"), int):
+            value = tok.id_to_token(cfg[f"{key}_token_id"])
+        return value if value is not None else (fallback if tok.token_to_id(fallback) is not None else None)
+
+    specials = {"bos": name_of("bos", BOS), "eos": name_of("eos", EOS), "pad": name_of("pad", PAD)}
+    eos_ids = gen.get("eos_token_id", cfg.get("eos_token_id"))
+    eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids]
+    others = [tok.id_to_token(i) for i in eos_ids if isinstance(i, int) and tok.id_to_token(i) != specials["eos"]]
+    specials["end"] = others[0] if others else (END if tok.token_to_id(END) is not None else None)
+    bos_id = tok.token_to_id(specials["bos"]) if specials["bos"] else None
+    probe = tok.encode("a").ids
+    add_bos = bool(bos_id is not None and probe and probe[0] == bos_id) or specials["bos"] == BOS
+
+    meta = {"model": shape.to_dict(), "imported_from": {"architecture": arch, "name": hf_dir.name},
+            "special_tokens": specials, "add_bos": add_bos, "hf_tokenizer_config": tok_cfg}
+    return checkpoint.save(out_dir, 0, params, None, meta, tokenizer=hf_dir / "tokenizer.json", keep=1)
+

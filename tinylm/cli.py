@@ -82,7 +82,7 @@ def train(
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for bad input, with a one-line message)."""
     try:
-        app(args=argv, prog_name="tinylm", standalone_mode=False)
+        code = app(args=argv, prog_name="tinylm", standalone_mode=False)
     except typer.Exit as e:
         return e.exit_code
     except SystemExit as e:
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, Abort):
             return 130
         raise
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def entry() -> None:

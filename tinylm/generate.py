@@ -197,6 +197,9 @@ def generate_ids(
             break
         keep = np.concatenate([keep, np.ones((b, 1), dtype=bool)], axis=1) if ragged else None
         logprobs, state = lm.step(state, np.where(done, pad_id, nxt).astype(np.int64), keep)
+    for i, c in enumerate(out):
+        if on_text is not None and len(c.text) > shown[i]:
+            on_text(i, c.text[shown[i]:])
     return out
 
 

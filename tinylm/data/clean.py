@@ -57,8 +57,8 @@ def quality_failure(text: str, cfg: CleanConfig) -> str | None:
         return "mean_word_length"
     if len(_SYMBOL.findall(text)) / len(words) > cfg.max_symbol_word_ratio:
         return "symbol_word_ratio"
-    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
-    if lines:
+    if "..." in text or "\u2026" in text:
+        lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
         ellipsis = sum(ln.endswith(("...", "\u2026")) for ln in lines)
         if ellipsis / len(lines) > cfg.max_ellipsis_line_share:
             return "ellipsis_lines"
@@ -67,47 +67,57 @@ def quality_failure(text: str, cfg: CleanConfig) -> str | None:
     return None
 
 
-def repeated_ngram_share(words: list[str], n: int) -> float:
-    """Share of word characters inside word n-grams that occur more than once in the document."""
-    if len(words) < n or n <= 0:
-        return 0.0
-    lowered = [w.lower() for w in words]
-    grams = [tuple(lowered[i : i + n]) for i in range(len(lowered) - n + 1)]
-    counts = Counter(grams)
-    covered = [False] * len(words)
-    for i, g in enumerate(grams):
-        if counts[g] > 1:
-            for j in range(i, i + n):
-                covered[j] = True
-    total = sum(map(len, words))
-    return sum(len(w) for w, c in zip(words, covered) if c) / total if total else 0.0
-
-
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
-def shingle_hashes(text: str, n: int, cache: dict[str, int]) -> np.ndarray:
-    """32-bit hashes of the document's distinct word n-grams (case-folded), computed with numpy.
-
-    Hashing each shingle's bytes in Python was most of the cost of cleaning; here each distinct word is hashed
-    once (crc32, cached) and n-grams are combined arithmetically.
-    """
-    words = text.casefold().split()
-    if not words:
-        return np.zeros(1, dtype=np.uint32)
+def word_ids(words: list[str], cache: dict[str, int]) -> np.ndarray:
+    """A 64-bit hash per word; each distinct word is hashed once per cache (crc32 and adler32 side by side)."""
     for w in set(words).difference(cache):
         b = w.encode()
         cache[w] = zlib.crc32(b) | (zlib.adler32(b) << 32)
-    ids = np.array([cache[w] for w in words], dtype=np.uint64)
-    k = min(n, len(words))
-    count = len(words) - k + 1
+    return np.array([cache[w] for w in words], dtype=np.uint64)
+
+
+def ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
+    """64-bit hash of every run of `n` consecutive word ids (one run if there are fewer words)."""
+    k = min(n, len(ids))
+    count = len(ids) - k + 1
     combined = np.zeros(count, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for j in range(k):
             combined = combined * _MIX + ids[j : j + count]
         combined ^= combined >> np.uint64(29)
         combined *= _MIX
-    return np.unique((combined >> np.uint64(32)).astype(np.uint32))
+    return combined
+
+
+def repeated_ngram_share(words: list[str], n: int) -> float:
+    """Share of word characters inside word n-grams (case-folded) that occur more than once in the document."""
+    if len(words) < n or n <= 0:
+        return 0.0
+    lowered = [w.casefold() for w in words]
+    grams = [tuple(lowered[i : i + n]) for i in range(len(lowered) - n + 1)]
+    counts = Counter(grams)
+    if len(counts) == len(grams):
+        return 0.0
+    covered = [False] * len(words)
+    for i, g in enumerate(grams):
+        if counts[g] > 1:
+            covered[i : i + n] = [True] * n
+    total = sum(map(len, words))
+    return sum(len(w) for w, c in zip(words, covered) if c) / total if total else 0.0
+
+
+def shingle_hashes(text: str, n: int, cache: dict[str, int]) -> np.ndarray:
+    """32-bit hashes of the document's distinct word n-grams (case-folded), computed with numpy.
+
+    Hashing each shingle's bytes in Python was most of the cost of cleaning; here each distinct word is hashed
+    once and n-grams are combined arithmetically.
+    """
+    words = text.casefold().split()
+    if not words:
+        return np.zeros(1, dtype=np.uint32)
+    return np.unique((ngram_hashes(word_ids(words, cache), n) >> np.uint64(32)).astype(np.uint32))
 
 
 def near_duplicates(docs: list[str], cfg: CleanConfig, seed: int = 1) -> list[bool]:

@@ -1,0 +1,55 @@
+import pytest
+
+from tinylm import recipe as recipes
+from tinylm.cli import main
+from tinylm.errors import UserError
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    return path
+
+
+def test_precedence_cli_over_toml_over_defaults(tmp_path):
+    path = _write(tmp_path, '[model]\npreset = "micro"\n[train]\nsteps = 7\nseq_len = 32\n')
+    r = recipes.load(path, ["train.steps=20", "optim.lr=1e-3", "optim.name=muon"])
+    assert r.train.steps == 20 and r.train.seq_len == 32 and r.train.batch_size == 8
+    assert r.optim.lr == 1e-3 and r.optim.name == "muon" and r.model.preset == "micro"
+
+
+@pytest.mark.parametrize(
+    "text, overrides, needle",
+    [
+        ("[train]\nstepz = 3\n", [], "train.stepz"),
+        ("[train]\nsteps = 'many'\n", [], "train.steps"),
+        ("[model]\npreset = 3\n", [], "model.preset"),
+        ("", ["optim.lr=fast"], "optim.lr"),
+        ("", ["nosuch.key=1"], "nosuch"),
+        ("[train]\nsteps = 0\n", [], "steps"),
+    ],
+)
+def test_bad_keys_and_types_name_the_key_and_file(tmp_path, text, overrides, needle):
+    path = _write(tmp_path, text)
+    with pytest.raises(UserError) as e:
+        recipes.load(path, overrides)
+    assert needle in str(e.value) and str(path) in str(e.value)
+
+
+def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing.toml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "missing.toml" in err and "\n" not in err and "Traceback" not in err
+    path = _write(tmp_path, "[train]\nbogus = 1\n")
+    assert main(["train", str(path), "--backend", "torch"]) == 2
+    assert "train.bogus" in capsys.readouterr().err
+
+
+def test_info_json_reports_params_and_flops(tmp_path, capsys):
+    import json
+
+    path = _write(tmp_path, '[model]\npreset = "micro"\n')
+    assert main(["info", str(path), "--set", "model.preset=mobilellm-125m", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert abs(report["params"] - 124.6e6) < 0.2e6
+    assert report["flops_per_token"] > 6 * 100e6

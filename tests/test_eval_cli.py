@@ -1,0 +1,86 @@
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers_eval import make_checkpoint  # noqa: E402
+
+from tinylm.eval.cli import main  # noqa: E402
+from tinylm.generate import SamplingConfig, generate, load_model  # noqa: E402
+
+MC = [{"context": "The cat sat on the", "choices": ["mat", "sun"], "label": 0},
+      {"context": "Birds can", "choices": ["fly", "swim", "sing"], "label": 1}]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("cli") / "run")
+
+
+def test_generate_prints_the_continuation_only(ckpt, capsys):
+    assert main(["generate", str(ckpt.parent.parent), "--prompt", "The cat", "--max-tokens", "7",
+                 "--backend", "torch"]) == 0
+    lm, tok, ck = load_model(ckpt, "torch")
+    expected = generate(lm, tok, ["The cat"], SamplingConfig(max_tokens=7), ck.meta)[0].text
+    assert capsys.readouterr().out == expected
+
+
+def test_chat_streams_a_reply(ckpt, capsys, monkeypatch):
+    lines = iter(["hello", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", str(ckpt), "--max-tokens", "5", "--temperature", "0", "--backend", "mlx"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_eval_json_and_results_file(ckpt, tmp_path, capsys):
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps(r) + "\n" for r in MC))
+    out = tmp_path / "res" / "results.json"
+    assert main(["eval", str(ckpt), "--tasks", f"mc:{mc},arithmetic", "--limit", "2", "--json",
+                 "--output", str(out), "--committee", str(ckpt), "--backend", "torch"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == {"mc", "arithmetic"}
+    assert {"acc", "acc_norm", "acc_stderr", "samples"} <= set(printed["mc"])
+    assert "exact_match" in printed["arithmetic"] and printed["arithmetic"]["samples"] == 2
+    saved = json.loads(out.read_text())
+    assert saved["results"]["mc"]["samples"] == 2 and len(saved["committee"]) == 2
+    assert "| mc | acc |" in out.with_suffix(".md").read_text()
+
+
+def test_export_and_import_commands(ckpt, tmp_path, capsys):
+    assert main(["export", str(ckpt), "--to", "hf", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    assert main(["generate", str(tmp_path / "back"), "--prompt", "The", "--max-tokens", "3"]) == 0
+
+
+def _truncate(ckpt, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 3])
+    return bad
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "fields", "unknown_task", "hf_arch", "export_format"])
+def test_bad_input_exits_2_with_one_line(ckpt, tmp_path, capsys, case):
+    task = tmp_path / "t.jsonl"
+    task.write_text(json.dumps({"context": "x", "choices": ["a", "b"]}) + "\n")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
+    argv = {
+        "missing": ["generate", str(tmp_path / "nope"), "--prompt", "x"],
+        "truncated": ["generate", str(_truncate(ckpt, tmp_path)) if case == "truncated" else "", "--prompt", "x"],
+        "fields": ["eval", str(ckpt), "--tasks", f"mc:{task}"],
+        "unknown_task": ["eval", str(ckpt), "--tasks", "mmlu_pro_max"],
+        "hf_arch": ["import", str(hf), "--out", str(tmp_path / "o")],
+        "export_format": ["export", str(ckpt), "--to", "onnx", str(tmp_path / "x")],
+    }[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err

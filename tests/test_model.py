@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+
+from tinylm import model
+from tinylm.model import ModelConfig, ModelShape, resolve
+from tinylm.presets import PRESETS, PUBLISHED_PARAMS
+from tinylm.errors import UserError
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED_PARAMS))
+def test_preset_parameter_counts_match_published(preset):
+    shape = resolve(ModelConfig(preset=preset))
+    count = model.count_params(shape)
+    published, unit = PUBLISHED_PARAMS[preset]
+    assert abs(count - published) <= max(1e-3 * published, unit / 2), count
+
+
+def test_layer_sharing_keeps_size_and_doubles_depth():
+    base = resolve(ModelConfig(preset="mobilellm-125m"))
+    shared = resolve(ModelConfig(preset="mobilellm-ls-125m"))
+    assert model.count_params(base) == model.count_params(shared)
+    assert shared.depth == 2 * base.depth
+    assert model.flops_per_token(shared, 512) > 1.9 * model.flops_per_token(base, 512) - 6 * 32000 * 576 * 2
+
+
+def test_untied_head_and_qk_norm_add_their_parameters():
+    tied = resolve(ModelConfig(preset="micro"))
+    untied = resolve(ModelConfig(preset="micro", tie_embeddings=False))
+    qk = resolve(ModelConfig(preset="micro", qk_norm=True))
+    assert model.count_params(untied) - model.count_params(tied) == tied.vocab_size * tied.dim
+    assert model.count_params(qk) - model.count_params(tied) == 2 * tied.n_layers * tied.head_dim
+
+
+def test_flops_per_token_counts_matmuls_and_attention():
+    shape = ModelShape(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=100)
+    per_block = 64 * 64 * 2 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64
+    expected = 6 * (2 * per_block + 100 * 64) + 12 * 2 * 4 * 16 * 32
+    assert model.flops_per_token(shape, 32) == expected
+
+
+def test_init_is_seeded_and_scales_output_projections():
+    shape = resolve(ModelConfig(preset="micro"))
+    a, b, c = model.init_params(shape, 1), model.init_params(shape, 1), model.init_params(shape, 2)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["embed_tokens.weight"], c["embed_tokens.weight"])
+    assert a["layers.0.mlp.down_proj.weight"].std() < 0.5 * a["layers.0.mlp.up_proj.weight"].std()
+    assert np.all(a["norm.weight"] == 1.0)
+
+
+@pytest.mark.parametrize("overrides", [dict(n_heads=5), dict(n_kv_heads=3), dict(preset="nope")])
+def test_bad_shapes_are_user_errors(overrides):
+    with pytest.raises(UserError):
+        resolve(ModelConfig(**{"preset": "micro", **overrides}))
+
+
+def test_every_preset_resolves():
+    for name in PRESETS:
+        shape = resolve(ModelConfig(preset=name))
+        assert shape.dim == shape.n_heads * shape.head_dim

@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+
+from tinylm.schedule import ScheduleConfig, lr_at
+
+
+def test_wsd_warms_up_holds_then_decays_to_floor():
+    cfg = ScheduleConfig(name="wsd", warmup_steps=10, decay_frac=0.2, min_lr_ratio=0.1)
+    lrs = [lr_at(cfg, 1.0, s, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(v == 1.0 for v in lrs[10:80])
+    assert all(a > b for a, b in zip(lrs[80:], lrs[81:]))
+    assert lrs[-1] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt"])
+def test_wsd_decay_shapes_end_at_floor(shape):
+    cfg = ScheduleConfig(name="wsd", decay_frac=0.5, decay_shape=shape, min_lr_ratio=0.0)
+    assert lr_at(cfg, 2.0, 99, 100) == pytest.approx(0.0, abs=1e-12)
+    assert 0 < lr_at(cfg, 2.0, 75, 100) < 2.0
+
+
+def test_cosine_and_constant():
+    cos = ScheduleConfig(name="cosine", warmup_steps=0, min_lr_ratio=0.0)
+    assert lr_at(cos, 1.0, 49, 100) == pytest.approx(0.5, abs=0.02)
+    assert lr_at(ScheduleConfig(name="constant"), 3.0, 77, 100) == 3.0
+
+
+def test_adamw_rule_matches_torch_adamw_with_bias_correction():
+    torch = pytest.importorskip("torch")
+    from tinylm.backends import get_backend
+    from tinylm.optim import OptimConfig, init_state, update
+
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((5, 3)).astype(np.float32)
+    grads = [rng.standard_normal((5, 3)).astype(np.float32) for _ in range(5)]
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
+    b = get_backend("torch")
+    params = b.from_numpy({"w": w0})
+    state = init_state(b.ops, cfg, params)
+    ref = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    opt = torch.optim.AdamW([ref], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for step, g in enumerate(grads, 1):
+        params, state = update(b.ops, cfg, params, {"w": torch.from_numpy(g)}, state, b.ops.scalar(1e-2), b.ops.scalar(float(step)))
+        ref.grad = torch.from_numpy(g)
+        opt.step()
+    assert np.abs(params["w"].numpy() - ref.detach().numpy()).max() < 1e-6
+
+
+def test_muon_orthogonalizes_and_matches_adamw_rms():
+    from tinylm.backends import get_backend
+    from tinylm.optim import newton_schulz
+
+    b = get_backend("torch")
+    g = b.from_numpy({"g": np.random.default_rng(1).standard_normal((32, 64)).astype(np.float32)})["g"]
+    x = newton_schulz(b.ops, g, 5).numpy()
+    singular = np.linalg.svd(x, compute_uv=False)
+    assert singular.min() > 0.5 and singular.max() < 1.3
+    # Scaled by 0.2 * sqrt(max dim), the update's RMS is about 0.2, like AdamW's typical update.
+    rms = np.sqrt(np.mean((x * 0.2 * np.sqrt(64)) ** 2))
+    assert 0.12 < rms < 0.25
+
+
+def test_clipping_bounds_the_global_norm():
+    from tinylm.backends import get_backend
+    from tinylm.optim import clip_by_global_norm
+
+    b = get_backend("torch")
+    grads = b.from_numpy({"a": np.full((4,), 3.0, np.float32), "b": np.full((2, 2), 4.0, np.float32)})
+    clipped, norm = clip_by_global_norm(b.ops, grads, 1.0)
+    assert float(norm) == pytest.approx(10.0)
+    total = np.sqrt(sum((v.numpy() ** 2).sum() for v in clipped.values()))
+    assert total == pytest.approx(1.0, rel=1e-4)

@@ -1,0 +1,188 @@
+"""Commands for generation, chat, evaluation and Hugging Face interop.
+
+`register(app)` adds `generate`, `chat`, `eval`, `export` and `import` to a typer app (the top-level `tinylm`
+one); `app` here is a standalone copy with the same commands.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from tinylm.cli_base import make_app
+from tinylm.errors import UserError
+
+BACKEND_HELP = "auto, mlx or torch."
+
+
+def _model(ckpt: str, backend: str, committee: str | None = None):
+    from tinylm.generate import load_model
+
+    if committee:
+        from tinylm.eval.committee import load_committee
+
+        return load_committee([ckpt] + [c for c in committee.split(",") if c.strip()], backend)
+    return load_model(ckpt, backend)
+
+
+def generate(
+    ckpt: str = typer.Argument(..., metavar="CKPT", help="Checkpoint or run directory."),
+    prompt: str = typer.Option(..., "--prompt", help="Text to continue."),
+    max_tokens: int = typer.Option(128, "--max-tokens", min=1, help="Most new tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy."),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample from the k most likely tokens (0: all)."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
+    stop: List[str] = typer.Option([], "--stop", help="Stop at this string (repeatable)."),
+    seed: int = typer.Option(0, "--seed"),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the chat template as a user turn."),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+):
+    """Continue a prompt; stdout carries the continuation alone."""
+    from tinylm.generate import SamplingConfig, chat_prompt
+    from tinylm.generate import generate as run
+
+    lm, tok, ckpt_obj = _model(ckpt, backend)
+    text = chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
+    cfg = SamplingConfig(max_tokens, temperature, top_k, top_p, tuple(stop), seed)
+    run(lm, tok, [text], cfg, ckpt_obj.meta, on_text=lambda _, piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    if sys.stdout.isatty():
+        sys.stdout.write("\n")
+
+
+def chat(
+    ckpt: str = typer.Argument(..., metavar="CKPT", help="Checkpoint or run directory."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message to start with."),
+    max_tokens: int = typer.Option(512, "--max-tokens", min=1),
+    temperature: float = typer.Option(0.7, "--temperature", min=0.0),
+    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0),
+    seed: int = typer.Option(0, "--seed"),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+):
+    """Talk with a model in the chat template; replies stream as they are generated. /reset, /exit."""
+    from tinylm.generate import SamplingConfig, chat_prompt
+    from tinylm.generate import generate as run
+
+    lm, tok, ckpt_obj = _model(ckpt, backend)
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    turn = 0
+    print("chat with the model; /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = list(start)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        cfg = SamplingConfig(max_tokens, temperature, 0, top_p, (), seed + turn)
+        reply = run(lm, tok, [chat_prompt(history)], cfg, ckpt_obj.meta,
+                    on_text=lambda _, piece: (sys.stdout.write(piece), sys.stdout.flush()))[0]
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply.text})
+        turn += 1
+
+
+def eval_(
+    ckpt: str = typer.Argument(..., metavar="CKPT", help="Checkpoint or run directory."),
+    tasks: str = typer.Option(..., "--tasks", help="Comma-separated: KIND:PATH (gsm8k, arc, hellaswag, piqa, "
+                              "boolq, mc, text), a task file, or a built-in synthetic family."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="First N examples of each task."),
+    as_json: bool = typer.Option(False, "--json", help="Print {task: {metric: value}} as JSON."),
+    committee: Optional[str] = typer.Option(None, "--committee", help="More checkpoints (comma-separated) that "
+                                            "share CKPT's tokenizer; their probabilities are averaged with CKPT's."),
+    samples: int = typer.Option(1, "--samples", min=1, help="Generations per problem (pass@k for k <= N)."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="Sampling temperature for --samples > 1 "
+                                      "(0 means 0.8 when sampling)."),
+    chat: bool = typer.Option(False, "--chat", help="Ask generative tasks in the chat template."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Results JSON path (default: "
+                                          "eval_results.json in the checkpoint); a .md table is written beside it."),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+):
+    """Evaluate a checkpoint (or a committee) on tasks; prints a markdown table or JSON."""
+    from tinylm.eval import harness
+    from tinylm.eval.tasks import load_tasks
+
+    task_list = load_tasks(tasks, limit)
+    lm, tok, ckpt_obj = _model(ckpt, backend, committee)
+    if samples > 1 and temperature == 0:
+        temperature = 0.8
+    results = harness.run_tasks(lm, tok, task_list, ckpt_obj.meta, samples, temperature, chat)
+    members = [str(ckpt_obj.path)] + ([c for c in committee.split(",") if c.strip()] if committee else [])
+    report = {"checkpoint": members[0], "step": ckpt_obj.step, "committee": members if committee else None,
+              "limit": limit, "samples_per_problem": samples, "temperature": temperature, "results": results}
+    out = output or ckpt_obj.path / "eval_results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    table = harness.markdown_table(results)
+    out.with_suffix(".md").write_text(table)
+    if as_json:
+        print(json.dumps(harness.flat_metrics(results), indent=2))
+    else:
+        print(table, end="")
+        print(f"results: {out}", file=sys.stderr)
+
+
+def export(
+    ckpt: str = typer.Argument(..., metavar="CKPT", help="Checkpoint or run directory."),
+    out_dir: Path = typer.Argument(..., metavar="DIR", help="Directory to write."),
+    to: str = typer.Option("hf", "--to", help="Target format (hf: a transformers model directory)."),
+):
+    """Write a checkpoint as a Hugging Face model directory: `tinylm export CKPT --to hf DIR`."""
+    from tinylm.hf import export_hf
+
+    if to != "hf":
+        raise UserError(f"unknown export format {to!r} (supported: hf)")
+    print(export_hf(ckpt, out_dir))
+
+
+def import_(
+    hf_dir: Path = typer.Argument(..., metavar="HF_DIR", help="Local Llama or Qwen3 model directory."),
+    out: Path = typer.Option(..., "--out", help="Run directory to write the checkpoint into."),
+):
+    """Read a local Hugging Face Llama/Qwen3 model into a tinylm checkpoint (to continue training or fine-tune)."""
+    from tinylm.hf import import_hf
+
+    print(import_hf(hf_dir, out))
+
+
+def register(target: typer.Typer) -> None:
+    target.command("generate")(generate)
+    target.command("chat")(chat)
+    target.command("eval")(eval_)
+    target.command("export")(export)
+    target.command("import")(import_)
+
+
+app = make_app(help="Generation, evaluation and Hugging Face interop.")
+register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command of the standalone app; returns the exit code (2 for bad input)."""
+    import click
+
+    try:
+        app(args=argv, prog_name="tinylm", standalone_mode=False)
+    except typer.Exit as e:
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -173,15 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     import click
 
     try:
-        app(args=argv, prog_name="tinylm", standalone_mode=False)
-    except typer.Exit as e:
-        return e.exit_code
+        code = app(args=argv, prog_name="tinylm", standalone_mode=False)
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.ClickException as e:
         e.show()
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -102,3 +102,28 @@ def test_prompt_longer_than_context_is_left_truncated(ckpt):
     prompt = list(range(1, 40))
     cfg = SamplingConfig(max_tokens=4)
     assert generate_ids(short, tok, [prompt], cfg)[0].tokens == generate_ids(lm, tok, [prompt[-12:]], cfg)[0].tokens
+
+
+def test_imported_chat_template_is_rendered():
+    pytest.importorskip("jinja2")
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    meta = {"hf_tokenizer_config": {"chat_template": chatml}, "special_tokens": {"bos": "<s>"}, "add_bos": False}
+    text = chat_prompt([{"role": "user", "content": "hi"}], meta)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    llama = "{{ bos_token }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    assert chat_prompt([{"role": "user", "content": "x"}], {**meta, "add_bos": True,
+                                                           "hf_tokenizer_config": {"chat_template": llama}}) == "[x]"
+
+
+def test_committee_generation_of_identical_members_equals_single(ckpt):
+    from tinylm.eval.committee import Committee
+
+    lm, tok, _ = load_model(ckpt, "mlx")
+    prompts = [[0, 3, 9], [0, 11, 12, 13, 14]]
+    cfg = SamplingConfig(max_tokens=8)
+    single = generate_ids(lm, tok, prompts, cfg, keep_logprobs=True)
+    duo = generate_ids(Committee([lm, lm]), tok, prompts, cfg, keep_logprobs=True)
+    for a, b in zip(single, duo):
+        assert a.tokens == b.tokens
+        np.testing.assert_allclose(np.array(a.logprobs), np.array(b.logprobs), atol=1e-9)

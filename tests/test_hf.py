@@ -49,6 +49,19 @@ def test_transformers_logits_match(exported):
     np.testing.assert_allclose(ref, tinylm_logits(ckpt), atol=1e-4, rtol=0)
 
 
+def test_transformers_greedy_generation_matches(exported):
+    from tinylm.generate import SamplingConfig, generate_ids, load_model
+
+    _, ckpt, hf_dir = exported
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    prompt = [0, 5, 17, 42]
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 4, dtype=torch.long),
+                          max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=2)[0, 4:].tolist()
+    lm, tok, _ = load_model(ckpt, "mlx")
+    assert generate_ids(lm, tok, [prompt], SamplingConfig(max_tokens=10))[0].tokens == ref
+
+
 def test_tokenizer_and_chat_template(exported):
     _, ckpt, hf_dir = exported
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)

@@ -20,6 +20,13 @@ from tinylm.errors import UserError
 
 from tinylm.data.tokenizer import ASSISTANT, BOS, END, EOS, PAD, load_tokenizer, render_chat
 
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '" + END + "' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}"
+)
+"""tinylm's chat layout as a Jinja template, for tokenizer_config.json of exported models."""
+
 
 @dataclass
 class SamplingConfig:
@@ -109,12 +116,38 @@ def encode_prompt(tok, text: str, meta: dict | None = None) -> list[int]:
     return ([bos] if bos is not None and adds_bos(meta) else []) + ids
 
 
-def chat_prompt(messages: list[dict]) -> str:
-    """`<|user|>...<|end|><|assistant|>`: the layout SFT data is rendered in, opened for the assistant's turn."""
+def chat_prompt(messages: list[dict], meta: dict | None = None) -> str:
+    """The conversation opened for the assistant's turn: `<|user|>...<|end|><|assistant|>` for tinylm's own
+    models, the model's Jinja chat template for imported ones."""
+    template = ((meta or {}).get("hf_tokenizer_config") or {}).get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template and template != CHAT_TEMPLATE:
+        return _render_template(template, messages, meta)
     try:
         return render_chat(messages) + ASSISTANT
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def _render_template(template: str, messages: list[dict], meta: dict) -> str:
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise UserError("this model's chat template needs jinja2: pip install jinja2") from None
+
+    def fail(message):
+        raise UserError(f"chat template: {message}")
+
+    names = meta.get("special_tokens", {})
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = fail
+    text = env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                            bos_token=names.get("bos") or "", eos_token=names.get("eos") or "")
+    # encode_prompt adds BOS itself for models that expect one; the template must not double it.
+    if adds_bos(meta) and names.get("bos") and text.startswith(names["bos"]):
+        text = text[len(names["bos"]):]
+    return text
 
 
 def sample(logprobs: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> np.ndarray:

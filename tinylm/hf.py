@@ -19,17 +19,10 @@ from safetensors.numpy import save_file
 
 from tinylm import checkpoint
 from tinylm.errors import UserError
-from tinylm.generate import ASSISTANT, BOS, END, EOS, PAD, adds_bos, special_ids
+from tinylm.generate import BOS, CHAT_TEMPLATE, END, EOS, PAD, adds_bos, special_ids
 from tinylm.model import ModelShape
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + '" + END + "' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}"
-)
-
 
 def _config(shape: ModelShape, ids: dict, eos_ids: list[int]) -> dict:
     arch = "Qwen3ForCausalLM" if shape.qk_norm else "LlamaForCausalLM"

@@ -39,14 +39,16 @@ def generate(
     stop: List[str] = typer.Option([], "--stop", help="Stop at this string (repeatable)."),
     seed: int = typer.Option(0, "--seed"),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the chat template as a user turn."),
+    committee: Optional[str] = typer.Option(None, "--committee", help="More checkpoints (comma-separated) sharing "
+                                            "CKPT's tokenizer; decode from the average of their probabilities."),
     backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
 ):
     """Continue a prompt; stdout carries the continuation alone."""
     from tinylm.generate import SamplingConfig, chat_prompt
     from tinylm.generate import generate as run
 
-    lm, tok, ckpt_obj = _model(ckpt, backend)
-    text = chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
+    lm, tok, ckpt_obj = _model(ckpt, backend, committee)
+    text = chat_prompt([{"role": "user", "content": prompt}], ckpt_obj.meta) if chat else prompt
     cfg = SamplingConfig(max_tokens, temperature, top_k, top_p, tuple(stop), seed)
     run(lm, tok, [text], cfg, ckpt_obj.meta, on_text=lambda _, piece: (sys.stdout.write(piece), sys.stdout.flush()))
     if sys.stdout.isatty():
@@ -86,7 +88,7 @@ def chat(
             continue
         history.append({"role": "user", "content": line})
         cfg = SamplingConfig(max_tokens, temperature, 0, top_p, (), seed + turn)
-        reply = run(lm, tok, [chat_prompt(history)], cfg, ckpt_obj.meta,
+        reply = run(lm, tok, [chat_prompt(history, ckpt_obj.meta)], cfg, ckpt_obj.meta,
                     on_text=lambda _, piece: (sys.stdout.write(piece), sys.stdout.flush()))[0]
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": reply.text})

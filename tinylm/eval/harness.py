@@ -164,7 +164,7 @@ def score_gen(lm, tok, meta: dict, task: Task, samples: int = 1, temperature: fl
     per_batch = max(1, batch_size // samples)
     for start in range(0, len(examples), per_batch):
         chunk = examples[start : start + per_batch]
-        prompts = [scorer.encode(chat_prompt([{"role": "user", "content": ex.prompt.strip()}]) if chat else ex.prompt)
+        prompts = [scorer.encode(chat_prompt([{"role": "user", "content": ex.prompt.strip()}], meta) if chat else ex.prompt)
                    for ex in chunk for _ in range(samples)]
         cfg.seed = seed + start
         outs = generate_ids(lm, tok, prompts, cfg, stops, pad)

@@ -121,7 +121,13 @@ def mix_cmd(
     if not total:
         raise UserError(f"{recipe}: cannot tell how many tokens the run trains on; pass --tokens")
     shards = ShardSet(prepare(data_cfg, progress=not as_json))
-    result = load_or_compute(data_cfg, shards, total, progress=not as_json, recompute=recompute)
+    if as_json or not sys.stderr.isatty():
+        result = load_or_compute(data_cfg, shards, total, recompute=recompute)
+    else:
+        from rich.console import Console
+
+        with Console(stderr=True).status("computing mixture weights (proxy models for influence/regmix)"):
+            result = load_or_compute(data_cfg, shards, total, recompute=recompute)
     if as_json:
         out = {
             "weights": {p["name"]: p["weights"] for p in result["phases"]},

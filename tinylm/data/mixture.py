@@ -20,8 +20,8 @@ MIXTURE_FILE = "mixture.json"
 
 
 def train_tokens(shards: ShardSet) -> dict[str, int]:
-    """Training tokens per source, from the manifest."""
-    return {name: int(shards.manifest["sources"][name]["train"]["tokens"]) for name in shards.sources}
+    """Training tokens per source (from the shard offsets, so any manifest with the shard layout works)."""
+    return {name: shards.split(name, "train").num_tokens for name in shards.sources}
 
 
 def phase_spans(mix: MixtureConfig, total_tokens: int) -> list[tuple[PhaseConfig, int, int]]:

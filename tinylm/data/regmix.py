@@ -43,7 +43,7 @@ def regmix_weights(data_cfg: DataConfig, shards: ShardSet, names: list[str], pro
         raise UserError("data.mixture.regmix needs proxies >= 2 and candidates >= top_k >= 1")
     caps = probe_sets(data_cfg.mixture.probes, names, shards)
     probes = {c: probe_rows(shards, srcs, cfg.seq_len, 16, f"regmix probe {c!r}") for c, srcs in caps.items()}
-    sizes = np.array([shards.manifest["sources"][g]["train"]["tokens"] for g in names], dtype=np.float64)
+    sizes = np.array([shards.split(g, "train").num_tokens for g in names], dtype=np.float64)
     prior = sizes / sizes.sum()
     rng = np.random.default_rng(cfg.seed)
     mixtures = dirichlet_mixtures(prior, cfg.concentration, cfg.proxies, rng)

@@ -90,6 +90,15 @@ def test_gsm8k_answer_extraction():
     assert harness.answers_match(harness.extract_answer("The answer is -4.5."), "-4.5")
 
 
+def test_reference_solutions_score_as_correct():
+    from tinylm.data import synthetic
+
+    for family in ("arithmetic", "sorting", "word_problems", "comparison", "units"):
+        probs = synthetic.problems(family, n=30)
+        assert all(harness.answers_match(harness.extract_answer(p.solution), str(p.answer)) for p in probs)
+        assert not harness.answers_match(harness.extract_answer(probs[0].solution + "1"), str(probs[0].answer))
+
+
 def test_pass_at_k_formula():
     assert harness.pass_at_k(5, 0, 1) == 0.0
     assert harness.pass_at_k(5, 5, 3) == 1.0

@@ -38,7 +38,7 @@ def test_eval_json_and_results_file(ckpt, tmp_path, capsys):
     mc = tmp_path / "mc.jsonl"
     mc.write_text("".join(json.dumps(r) + "\n" for r in MC))
     out = tmp_path / "res" / "results.json"
-    assert main(["eval", str(ckpt), "--tasks", f"mc:{mc},arithmetic", "--limit", "2", "--json",
+    assert main(["eval", str(ckpt), "--tasks", f"mc:{mc},arithmetic", "--limit", "2", "--json", "--max-tokens", "24",
                  "--output", str(out), "--committee", str(ckpt), "--backend", "torch"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert set(printed) == {"mc", "arithmetic"}

@@ -107,6 +107,8 @@ def eval_(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="Sampling temperature for --samples > 1 "
                                       "(0 means 0.8 when sampling)."),
     chat: bool = typer.Option(False, "--chat", help="Ask generative tasks in the chat template."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Most new tokens per generation "
+                                             "(default: 256)."),
     output: Optional[Path] = typer.Option(None, "--output", help="Results JSON path (default: "
                                           "eval_results.json in the checkpoint); a .md table is written beside it."),
     backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
@@ -116,6 +118,8 @@ def eval_(
     from tinylm.eval.tasks import load_tasks
 
     task_list = load_tasks(tasks, limit)
+    for t in task_list:
+        t.max_tokens = max_tokens or t.max_tokens
     lm, tok, ckpt_obj = _model(ckpt, backend, committee)
     if samples > 1 and temperature == 0:
         temperature = 0.8

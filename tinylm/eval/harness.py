@@ -116,32 +116,49 @@ def score_text(scorer: Scorer, docs: list[str]) -> dict:
 
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+def _normalize(text: str) -> str:
+    text = _THOUSANDS.sub("", text.strip()).replace("$", "").rstrip(".").strip()
+    return " ".join(text.split()).lower()
 
 
 def _clean_number(text: str) -> str:
-    return text.replace("$", "").replace(",", "").rstrip(".")
+    return _normalize(text).replace(",", "")
 
 
 def extract_answer(text: str) -> str | None:
-    """The answer on the last `####` line (its first number if it has one), else the last number in the text."""
+    """What follows the last `####` (GSM8K's answer line), else the last number in the text."""
     for line in reversed(text.splitlines()):
         line = line.strip()
         if line.startswith("####"):
-            rest = line[4:].strip()
-            m = _NUMBER.search(rest)
-            return _clean_number(m.group()) if m else rest
+            return _normalize(line[4:])
     found = _NUMBER.findall(text)
     return _clean_number(found[-1]) if found else None
 
 
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
 def answers_match(predicted: str | None, gold: str) -> bool:
+    """Numbers compare by value (`18.00` is `18`; `#### 18 apples` counts when the gold is a number), anything
+    else as normalized text (sorted lists, words)."""
     if predicted is None:
         return False
-    gold = _clean_number(gold.strip())
-    try:
-        return math.isclose(float(predicted), float(gold), rel_tol=0, abs_tol=1e-9)
-    except ValueError:
-        return predicted.strip().lower() == gold.lower()
+    predicted, gold = _normalize(predicted), _normalize(gold)
+    want = _as_number(gold)
+    if want is None:
+        return predicted == gold
+    got = _as_number(predicted)
+    if got is None:
+        first = _NUMBER.search(predicted)
+        got = _as_number(_clean_number(first.group())) if first else None
+    return got is not None and math.isclose(got, want, rel_tol=0, abs_tol=1e-9)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

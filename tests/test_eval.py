@@ -163,6 +163,8 @@ def test_evaluate_for_the_trainer(ckpt, tmp_path):
     path = write_jsonl(tmp_path / "mc.jsonl", MC_ROWS)
     out = harness.evaluate(backend, ck.shape, backend.from_numpy(ck.params), ck.tokenizer_path, [f"mc:{path}"], 3)
     assert set(out) == {"mc"} and out["mc"]["samples"] == 3 and 0 <= out["mc"]["acc"] <= 1
+    again = harness.evaluate(backend, ck.shape, ck.params, ck.tokenizer_path, load_tasks([f"mc:{path}"], 3))
+    assert again["mc"]["acc"] == pytest.approx(out["mc"]["acc"])
 
 
 def test_task_readers(tmp_path):

@@ -21,7 +21,7 @@ from tinylm.generate import SamplingConfig, adds_bos, chat_prompt, generate_ids,
 class Scorer:
     """Log-likelihoods of token continuations in length-sorted, right-padded batches."""
 
-    def __init__(self, lm, tok, meta: dict | None = None, batch_tokens: int = 4096):
+    def __init__(self, lm, tok, meta: dict | None = None, batch_tokens: int = 2048):
         self.lm, self.tok, self.meta = lm, tok, meta or {}
         ids = special_ids(tok, self.meta)
         self.bos = ids["bos"] if adds_bos(self.meta) else None
@@ -240,10 +240,17 @@ def markdown_table(results: dict) -> str:
 
 def evaluate(backend, shape, params, tokenizer_path, task_specs, limit: int | None = None,
              meta: dict | None = None) -> dict:
-    """In-training evaluation: {task: {metric: value}} for the weights being trained (numpy or backend arrays)."""
+    """In-training evaluation: {task: {metric: value}} for the weights being trained (numpy or backend arrays).
+
+    `task_specs` are command-line task names (a list or a comma-separated string) or `Task`s from
+    `tinylm.eval.tasks.load_tasks`, which a caller evaluating every N steps can load once and pass again.
+    """
     from tinylm.data.tokenizer import load_tokenizer
     from tinylm.generate import Model
 
     lm = Model(backend, shape, params)
-    tasks = load_tasks(task_specs, limit)
+    if isinstance(task_specs, (list, tuple)) and task_specs and isinstance(task_specs[0], Task):
+        tasks = list(task_specs)
+    else:
+        tasks = load_tasks(task_specs, limit)
     return flat_metrics(run_tasks(lm, load_tokenizer(tokenizer_path), tasks, meta))

@@ -84,3 +84,14 @@ def test_bad_input_exits_2_with_one_line(ckpt, tmp_path, capsys, case):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
+
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (DATA / "gsm8k_test.jsonl").is_file(), reason="shared GSM8K data is absent")
+def test_eval_gsm8k_file_with_limit(ckpt, tmp_path, capsys):
+    assert main(["eval", str(ckpt), "--tasks", f"gsm8k:{DATA / 'gsm8k_test.jsonl'}", "--limit", "2",
+                 "--max-tokens", "8", "--json", "--output", str(tmp_path / "r.json")]) == 0
+    got = json.loads(capsys.readouterr().out)["gsm8k"]
+    assert got["samples"] == 2 and 0.0 <= got["exact_match"] <= 1.0

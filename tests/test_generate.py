@@ -127,3 +127,14 @@ def test_committee_generation_of_identical_members_equals_single(ckpt):
     for a, b in zip(single, duo):
         assert a.tokens == b.tokens
         np.testing.assert_allclose(np.array(a.logprobs), np.array(b.logprobs), atol=1e-9)
+
+
+def test_streamed_text_equals_the_completion(ckpt):
+    lm, tok, _ = load_model(ckpt, "torch")
+    free = generate_ids(lm, tok, [[0, 5, 6], [0, 9]], SamplingConfig(max_tokens=12))
+    stop = free[0].text[4:6]
+    pieces = {0: [], 1: []}
+    cfg = SamplingConfig(max_tokens=12, stop_strings=[stop])
+    outs = generate_ids(lm, tok, [[0, 5, 6], [0, 9]], cfg, on_text=lambda i, piece: pieces[i].append(piece))
+    for i, c in enumerate(outs):
+        assert "".join(pieces[i]) == c.text and stop not in c.text

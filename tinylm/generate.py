@@ -178,6 +178,20 @@ def _find_stop(text: str, stops: Sequence[str]) -> int:
     return min(hits) if hits else -1
 
 
+def _streamable(text: str, stops: Sequence[str]) -> int:
+    """How much of `text` can be shown: not a trailing piece that may still grow into a stop string, nor an
+    incomplete UTF-8 sequence (decoded as U+FFFD until its last byte arrives)."""
+    if text.endswith("\ufffd"):
+        return len(text.rstrip("\ufffd"))
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return len(text) - hold
+
+
 def generate_ids(
     lm,
     tok,
@@ -222,10 +236,10 @@ def generate_ids(
             cut = _find_stop(c.text, cfg.stop_strings)
             if cut >= 0:
                 c.text, done[i], c.finish_reason = c.text[:cut], True, "stop"
-            # Hold back an incomplete UTF-8 sequence, which decodes as U+FFFD until its last byte arrives.
-            if on_text is not None and not c.text.endswith("\ufffd") and len(c.text) > shown[i]:
-                on_text(i, c.text[shown[i]:])
-                shown[i] = len(c.text)
+            upto = len(c.text) if done[i] else _streamable(c.text, cfg.stop_strings)
+            if on_text is not None and upto > shown[i]:
+                on_text(i, c.text[shown[i]:upto])
+                shown[i] = upto
         if done.all():
             break
         keep = np.concatenate([keep, np.ones((b, 1), dtype=bool)], axis=1) if ragged else None

@@ -118,6 +118,7 @@ def load(path: str | os.PathLike, with_optimizer: bool = True) -> Checkpoint:
         raise UserError(f"{path / 'state.json'} is damaged or not a tinylm checkpoint: {e}") from None
     params = _load_tensors(path / "model.safetensors")
     check_params(shape, params, str(path))
+    params = {name: params[name] for name in param_shapes(shape)}  # the model's own order
     optimizer = None
     if with_optimizer and (path / "optimizer.safetensors").is_file():
         optimizer = _load_tensors(path / "optimizer.safetensors")

@@ -63,9 +63,11 @@ def init_state(ops, cfg: OptimConfig, params: dict) -> dict:
 
 
 def global_norm(ops, grads: dict):
+    # Summed in name order: a float sum depends on its order, and a resumed run (whose dicts come back from
+    # a checkpoint in another order) must clip exactly as the uninterrupted one did.
     total = None
-    for g in grads.values():
-        sq = ops.sum_squares(g)
+    for name in sorted(grads):
+        sq = ops.sum_squares(grads[name])
         total = sq if total is None else total + sq
     return ops.sqrt(total)
 

@@ -122,7 +122,9 @@ class TorchBackend:
         torch.manual_seed(seed)
 
     def from_numpy(self, arrays: dict) -> dict:
-        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in arrays.items()}
+        # A copy into torch's own (aligned) allocation: CPU BLAS kernels can round differently on memory
+        # of another alignment, and a resumed run must reproduce the uninterrupted one bit for bit.
+        return {k: torch.tensor(np.ascontiguousarray(v), device=self.device) for k, v in arrays.items()}
 
     def tokens(self, array: np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(self.device)

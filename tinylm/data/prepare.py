@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import multiprocessing as mp
+import os
 import random
 import shutil
 import sys
@@ -101,10 +102,13 @@ def _clean_one(args) -> tuple[str, list[str], dict, float]:
 
 
 def _pool_context():
-    # forkserver children start from a clean interpreter: no inherited tokenizers thread pool (fork after
-    # `tokenizers` used its threads makes it warn and disable itself) and no inherited locks.
-    methods = mp.get_all_start_methods()
-    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    # fork on Linux: children need no re-import of __main__, so prepare also works from notebooks, stdin and
+    # scripts without a main guard. The cleaning children never touch tokenizers or torch, whose thread pools
+    # are what makes forking risky. Elsewhere fork is unsafe (macOS) and spawn is the only choice.
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # configured: no fork warning in the children
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
 
 
 def clean_sources(cfg: DataConfig, sources: list[SourceConfig], workers: int | None = None,

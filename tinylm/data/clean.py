@@ -1,8 +1,9 @@
 """Cleaning one source: normalization, length, exact and near deduplication, Gopher-style quality rules.
 
 Each removed document is counted under the first rule that removes it, so the report's counts add up:
-`input = kept + sum(removed)`. Rules run cheapest first; near-duplicate search (MinHash LSH) runs last, on
-the documents every other rule kept.
+`input = kept + sum(removed)`. The order is: empty, too short, exact duplicate, quality rules, near duplicate
+(MinHash LSH against the documents kept so far). Per-document work (`scan_documents`) is separate from the
+order-dependent deduplication (`resolve_scans`) so that the first can run on every core.
 """
 
 from __future__ import annotations
@@ -120,64 +121,89 @@ def shingle_hashes(text: str, n: int, cache: dict[str, int]) -> np.ndarray:
     return np.unique((ngram_hashes(word_ids(words, cache), n) >> np.uint64(32)).astype(np.uint32))
 
 
-def near_duplicates(docs: list[str], cfg: CleanConfig, seed: int = 1) -> list[bool]:
-    """For each document, whether an earlier kept document is a near-duplicate of it (MinHash LSH)."""
+def _minhash_classes():
     try:
-        from datasketch import MinHash, MinHashLSH
+        from datasketch import LeanMinHash, MinHash, MinHashLSH
     except ImportError:
         raise UserError("near-duplicate removal needs datasketch (pip install datasketch), or set "
                         "data.clean.near_dedup = false") from None
-    if not 0 < cfg.near_dedup_threshold < 1:
-        raise UserError(f"data.clean.near_dedup_threshold must be between 0 and 1, got {cfg.near_dedup_threshold}")
-    lsh = MinHashLSH(threshold=cfg.near_dedup_threshold, num_perm=cfg.near_dedup_num_perm)
-    # Shingles arrive already hashed, so the hash function is the identity.
-    template = MinHash(num_perm=cfg.near_dedup_num_perm, seed=seed, hashfunc=int)
-    signatures: dict[int, MinHash] = {}
+    return MinHash, LeanMinHash, MinHashLSH
+
+
+def scan_documents(docs: list[str], cfg: CleanConfig, quality: bool, seed: int = 1) -> list[tuple]:
+    """The per-document half of cleaning, independent across documents (so it runs in worker processes).
+
+    One tuple per document: (NFC text, whether NFC changed it, the rule that removes it or None, its exact-dedup
+    key, its MinHash signature or None). The order-dependent half, deduplication, is `resolve_scans`.
+    """
+    template = None
+    if cfg.near_dedup:
+        MinHash, _, _ = _minhash_classes()
+        # Shingles arrive already hashed, so the hash function is the identity.
+        template = MinHash(num_perm=cfg.near_dedup_num_perm, seed=seed, hashfunc=int)
     cache: dict[str, int] = {}
     out = []
-    for i, text in enumerate(docs):
-        mh = template.copy()
-        mh.update_batch(shingle_hashes(text, cfg.near_dedup_shingle, cache).tolist())
-        # LSH only proposes candidates; confirm with the estimated Jaccard so the threshold means what it says.
-        dup = any(mh.jaccard(signatures[k]) >= cfg.near_dedup_threshold for k in lsh.query(mh)) if i else False
-        if not dup:
-            lsh.insert(i, mh)
-            signatures[i] = mh
-        out.append(dup)
+    for raw in docs:
+        text = normalize(raw)
+        stripped = text.strip()
+        key, signature = None, None
+        if not stripped:
+            rule = "empty"
+        elif len(stripped) < cfg.min_chars or len(stripped.split()) < cfg.min_words:
+            rule = "too_short"
+        else:
+            rule = quality_failure(stripped, cfg) if quality else None
+            key = dedup_key(stripped)
+            if rule is None and template is not None:
+                mh = template.copy()
+                mh.update_batch(shingle_hashes(stripped, cfg.near_dedup_shingle, cache).tolist())
+                signature = mh.hashvalues
+        out.append((text, text != raw, rule, key, signature))
     return out
 
 
-def clean_documents(docs: list[str], cfg: CleanConfig, quality: bool) -> tuple[list[str], dict]:
-    """The kept documents (NFC, in input order) and a report: input, kept, nfc_changed and one count per rule."""
+def resolve_scans(scans, cfg: CleanConfig, seed: int = 1) -> tuple[list[str], dict]:
+    """Apply the scans in input order: removal rules, then exact and near deduplication against earlier kept
+    documents. Returns the kept documents and the report (input, kept, nfc_changed, one count per rule)."""
     removed = dict.fromkeys(RULES, 0)
-    nfc_changed = 0
+    counts = {"input": 0, "nfc_changed": 0}
     kept: list[str] = []
     seen: set[bytes] = set()
-    for raw in docs:
-        text = normalize(raw)
-        nfc_changed += text != raw
-        stripped = text.strip()
-        if not stripped:
-            removed["empty"] += 1
-            continue
-        if len(stripped) < cfg.min_chars or len(stripped.split()) < cfg.min_words:
-            removed["too_short"] += 1
+    lsh = lean = scheme = None
+    if cfg.near_dedup:
+        if not 0 < cfg.near_dedup_threshold < 1:
+            raise UserError(f"data.clean.near_dedup_threshold must be between 0 and 1, got {cfg.near_dedup_threshold}")
+        MinHash, lean, MinHashLSH = _minhash_classes()
+        lsh = MinHashLSH(threshold=cfg.near_dedup_threshold, num_perm=cfg.near_dedup_num_perm)
+        scheme = MinHash(num_perm=1, seed=seed).scheme
+    signatures: dict[int, object] = {}
+    for text, changed, rule, key, signature in scans:
+        counts["input"] += 1
+        counts["nfc_changed"] += changed
+        if rule in ("empty", "too_short"):
+            removed[rule] += 1
             continue
         if cfg.exact_dedup:
-            key = dedup_key(stripped)
             if key in seen:
                 removed["exact_duplicate"] += 1
                 continue
             seen.add(key)
-        if quality:
-            rule = quality_failure(stripped, cfg)
-            if rule:
-                removed[rule] += 1
+        if rule:
+            removed[rule] += 1
+            continue
+        if lsh is not None:
+            mh = lean(seed=seed, hashvalues=signature, scheme=scheme)
+            # LSH only proposes candidates; confirm with the estimated Jaccard so the threshold means what it says.
+            if any(mh.jaccard(signatures[k]) >= cfg.near_dedup_threshold for k in lsh.query(mh)):
+                removed["near_duplicate"] += 1
                 continue
+            signatures[len(kept)] = mh
+            lsh.insert(len(kept), mh)
         kept.append(text)
-    if cfg.near_dedup and len(kept) > 1:
-        flags = near_duplicates(kept, cfg)
-        removed["near_duplicate"] = sum(flags)
-        kept = [t for t, dup in zip(kept, flags) if not dup]
-    report = {"input": len(docs), "kept": len(kept), "nfc_changed": nfc_changed, "removed": removed}
-    return kept, report
+    return kept, {"input": counts["input"], "kept": len(kept), "nfc_changed": counts["nfc_changed"],
+                  "removed": removed}
+
+
+def clean_documents(docs: list[str], cfg: CleanConfig, quality: bool) -> tuple[list[str], dict]:
+    """The kept documents (NFC, in input order) and a report: input, kept, nfc_changed and one count per rule."""
+    return resolve_scans(scan_documents(docs, cfg, quality), cfg)

@@ -1,7 +1,7 @@
 """`prepare`: every source cleaned, tokenized and written as shards, with a manifest and a fingerprint.
 
-Cleaning runs one source per process on every core; tokenization runs in this process with `tokenizers`'
-batch encoder, which is itself multi-threaded. Re-running on unchanged inputs (same config, same files with the
+Cleaning scans chunks of documents in worker processes on every core while this process deduplicates in
+order; tokenization runs here with `tokenizers`' batch encoder, which is itself multi-threaded. Re-running on unchanged inputs (same config, same files with the
 same sizes and modification times) does no work.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from tinylm.data import synthetic
-from tinylm.data.clean import clean_documents, dedup_key
+from tinylm.data.clean import dedup_key, resolve_scans, scan_documents
 from tinylm.data.config import DataConfig, SourceConfig
 from tinylm.data.shards import MANIFEST, ShardSet, ShardWriter, atomic_write_bytes, atomic_write_json, token_dtype
 from tinylm.data.sources import cpu_count, documents, signature, validate_source
@@ -92,13 +92,13 @@ def is_up_to_date(cfg: DataConfig) -> bool:
     return all(p.is_file() for p in needed)
 
 
-def _clean_one(args) -> tuple[str, list[str], dict, float]:
-    src, clean_cfg = args
-    start = time.perf_counter()
-    docs = documents(src)
-    quality = src.quality if src.quality is not None else src.type != "synthetic"
-    kept, report = clean_documents(docs, clean_cfg, quality)
-    return src.name, kept, report, time.perf_counter() - start
+SCAN_CHUNK = 256
+"""Documents per cleaning task: large enough to amortize pickling, small enough to keep every core busy."""
+
+
+def _scan_chunk(args) -> list[tuple]:
+    docs, clean_cfg, quality = args
+    return scan_documents(docs, clean_cfg, quality)
 
 
 def _pool_context():
@@ -113,22 +113,28 @@ def _pool_context():
 
 def clean_sources(cfg: DataConfig, sources: list[SourceConfig], workers: int | None = None,
                   progress=None) -> dict[str, tuple[list[str], dict]]:
-    """Read and clean every source, in parallel when there is more than one; a `UserError` if any is left empty."""
-    workers = min(workers or cfg.workers or cpu_count(), len(sources))
-    jobs = [(s, cfg.clean) for s in sources]
+    """Read and clean every source; a `UserError` if any is left with no documents.
+
+    Documents are read here, scanned (normalization, length and quality rules, MinHash signatures) in chunks on
+    every core, and deduplicated here in input order while the workers scan the chunks that follow.
+    """
+    workers = workers or cfg.workers or cpu_count()
+    read = {src.name: documents(src) for src in sources}
+    jobs, owners = [], []
+    for src in sources:
+        quality = src.quality if src.quality is not None else src.type != "synthetic"
+        docs = read[src.name]
+        for start in range(0, max(1, len(docs)), SCAN_CHUNK):
+            jobs.append((docs[start : start + SCAN_CHUNK], cfg.clean, quality))
+            owners.append(src.name)
     task = progress.add_task("cleaning", total=len(jobs)) if progress else None
-    results = {}
-    if workers <= 1:
-        outputs = map(_clean_one, jobs)
-        pool = None
-    else:
-        pool = _pool_context().Pool(workers)
-        outputs = pool.imap_unordered(_clean_one, jobs)
+    pool = _pool_context().Pool(min(workers, len(jobs))) if workers > 1 and len(jobs) > 1 else None
     try:
-        for name, kept, report, _ in outputs:
-            results[name] = (kept, report)
-            if progress:
-                progress.advance(task)
+        scans = pool.imap(_scan_chunk, jobs) if pool else map(_scan_chunk, jobs)
+
+        # Chunks come back in submission order, which is source order, so each source takes the next ones.
+        results = {src.name: resolve_scans(scans_of_next(owners, src.name, scans, progress, task), cfg.clean)
+                   for src in sources}
     finally:
         if pool is not None:
             pool.terminate()
@@ -140,7 +146,15 @@ def clean_sources(cfg: DataConfig, sources: list[SourceConfig], workers: int | N
             why = f" (removed: {dropped})" if dropped else ""
             raise UserError(f"data source {src.name!r}: no documents left after cleaning "
                             f"({report['input']} read){why}")
-    return {s.name: results[s.name] for s in sources}
+    return results
+
+
+def scans_of_next(owners: list[str], name: str, scans, progress, task):
+    """The scans of source `name`: as many chunks from the ordered stream as `owners` says it has."""
+    for _ in range(owners.count(name)):
+        yield from next(scans)
+        if progress:
+            progress.advance(task)
 
 
 def tokenizer_sample(cleaned: dict[str, tuple[list[str], dict]], budget_chars: int, seed: int) -> list[str]:

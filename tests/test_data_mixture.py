@@ -124,3 +124,12 @@ def test_cli_mix_json_and_errors(prepared, tmp_path):
     result = runner.invoke(app, ["mix", str(bad), "--json", "--tokens", "10000"])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert "positive" in result.output
+
+
+def test_computed_weights_spill_onto_zero_weight_sources_at_the_cap():
+    w = cap_weights({"a": 1.0, "b": 0.0, "c": 0.0}, {"a": 40, "b": 90, "c": 30}, 100, "p", spill=True)
+    assert w["a"] == pytest.approx(0.4) and w["b"] == pytest.approx(0.45) and w["c"] == pytest.approx(0.15)
+    with pytest.raises(UserError, match="repetition cap"):
+        cap_weights({"a": 1.0, "b": 0.0}, {"a": 40, "b": 90}, 100, "p", spill=False)
+    with pytest.raises(UserError, match="repetition cap"):
+        cap_weights({"a": 1.0, "b": 0.0}, {"a": 40, "b": 50}, 100, "p", spill=True)

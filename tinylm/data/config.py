@@ -260,7 +260,8 @@ class MixtureConfig:
 
     max_epochs: float = 4.0
     """No source is repeated more than this many times over the whole run (data-constrained scaling: about 4
-    epochs are nearly as good as fresh data); weight above the cap goes to the other sources."""
+    epochs are nearly as good as fresh data); weight above the cap goes to the other weighted sources, and for
+    computed methods, once those are capped too, to the sources the method gave no weight."""
 
     probes: dict[str, list[str]] = field(default_factory=dict)
     """`influence`/`regmix`: capability name -> sources whose held-out (validation) documents form its probe set.

@@ -62,26 +62,35 @@ def temperature_weights(sizes: dict[str, int], alpha: float) -> dict[str, float]
     return {k: float(n) ** alpha if n > 0 else 0.0 for k, n in sizes.items()}
 
 
-def cap_weights(weights: dict[str, float], room: dict[str, float], phase_tokens: int, phase: str) -> dict[str, float]:
+def cap_weights(weights: dict[str, float], room: dict[str, float], phase_tokens: int, phase: str,
+                spill: bool = False) -> dict[str, float]:
     """Move weight off sources that would exceed their remaining token room onto the others, in proportion.
 
     `room[g]` is how many more tokens source g may contribute (max_epochs times its size, minus what earlier
-    phases took). A `UserError` if the sources with weight cannot fill the phase without breaking the cap.
+    phases took). When the sources with weight are all at their cap, `spill` lets the rest go to the sources
+    given no weight, in proportion to their room (a computed zero says "least useful", not "forbidden"; a
+    manual zero is the user's and is kept). A `UserError` if the phase still cannot be filled.
     """
     w = normalized(weights, f"mixture phase {phase!r}")
     cap = {g: room[g] / phase_tokens for g in w}
+    allowed = [g for g, v in w.items() if v > 0]
     fixed: dict[str, float] = {}
     while True:
         free = {g: v for g, v in w.items() if g not in fixed and v > 0}
         mass = 1.0 - sum(fixed.values())
-        free_total = sum(free.values())
+        if not free and mass > 1e-9 and spill:
+            spill = False
+            w = {g: (room[g] if v == 0 else 0.0) for g, v in w.items()}
+            allowed = list(w)
+            continue
         if not free:
             if mass > 1e-9:
-                have = sum(room[g] for g in w if weights.get(g, 0) > 0)
+                have = sum(max(0.0, room[g]) for g in allowed)
                 raise UserError(f"mixture phase {phase!r} needs {phase_tokens:,} tokens but its sources can give "
                                 f"only {int(have):,} within the repetition cap (data.mixture.max_epochs); add data, "
                                 f"raise max_epochs or train on fewer tokens")
             break
+        free_total = sum(free.values())
         scaled = {g: v * mass / free_total for g, v in free.items()}
         over = [g for g, v in scaled.items() if v > cap[g] + 1e-12]
         if not over:
@@ -132,7 +141,8 @@ def compute_mixture(data_cfg: DataConfig, shards: ShardSet, total_tokens: int, *
         phase_tokens = end - start
         if phase_tokens <= 0:
             raise UserError(f"mixture phase {phase.name!r} has no tokens (total {total_tokens})")
-        capped = cap_weights(raw, {g: room[g] - used[g] for g in sizes}, phase_tokens, phase.name)
+        capped = cap_weights(raw, {g: room[g] - used[g] for g in sizes}, phase_tokens, phase.name,
+                             spill=method != "manual")
         method_weights = normalized(raw, f"mixture phase {phase.name!r}")
         # Every source appears in every phase's report, with 0 where the phase does not draw from it.
         weights = {g: capped.get(g, 0.0) for g in all_sizes}

@@ -1,7 +1,6 @@
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 # fp32 reference math on CPU: keep thread counts fixed so runs are bit-for-bit repeatable.
@@ -10,30 +9,37 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def make_prepared(root: Path, vocab_size: int = 512, docs: int = 120, seed: int = 0, sources=("alpha", "beta")):
-    """A small prepared data directory of random documents (BOS first), without a tokenizer."""
-    from tinylm.data.shards import ShardWriter, atomic_write_json, token_dtype
+def data_toml(root) -> str:
+    """The `[data]` section of the test recipes: two small built-in synthetic sources, a 512-token BPE."""
+    return f"""
+[data]
+dir = "{root}"
+val_fraction = 0.05
+[data.tokenizer]
+vocab_size = 512
+[[data.sources]]
+name = "arithmetic"
+type = "synthetic"
+generator = "arithmetic"
+num_docs = 300
+[[data.sources]]
+name = "stories"
+type = "synthetic"
+generator = "stories"
+num_docs = 300
+"""
 
-    rng = np.random.default_rng(seed)
-    dtype = token_dtype(vocab_size)
-    manifest = {"vocab_size": vocab_size, "dtype": dtype.name, "bos_id": 0, "eos_id": 1,
-                "fingerprint": f"random-{seed}-{docs}", "tokenizer": "tokenizer.json", "sources": {}}
-    for s_i, name in enumerate(sources):
-        manifest["sources"][name] = {}
-        for split, n in (("train", docs), ("val", max(4, docs // 10))):
-            w = ShardWriter(root / name, split, dtype)
-            for _ in range(n):
-                length = int(rng.integers(20, 200))
-                # Each source repeats a small pattern so that a model can learn something.
-                body = (np.arange(length) * (s_i + 3) + rng.integers(0, 7)) % (vocab_size - 2) + 2
-                w.add(np.concatenate([[0], body]))
-            d, t = w.close()
-            manifest["sources"][name][split] = {"docs": d, "tokens": t, "bytes": t * 3}
-    np.save(root / "token_bytes.npy", np.full(vocab_size, 3, dtype=np.int32))
-    atomic_write_json(root / "manifest.json", manifest)
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """Prepared once per test session with the real pipeline; tests must not modify it."""
+    from tinylm.config import read_toml
+    from tinylm.recipe import Recipe
+    from tinylm.config import from_dict
+    from tinylm.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("prepared") / "data"
+    path = root.parent / "data.toml"
+    path.write_text(data_toml(root))
+    prepare(from_dict(Recipe, read_toml(path), str(path)).data, progress=False)
     return root
-
-
-@pytest.fixture
-def prepared(tmp_path):
-    return make_prepared(tmp_path / "data")

@@ -11,6 +11,8 @@ import pytest
 from tinylm import checkpoint
 from tinylm.cli import main
 
+from conftest import data_toml
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,8 +21,7 @@ def _recipe(tmp_path, data_dir, steps=12, extra=""):
     path.write_text(f"""
 [model]
 preset = "micro"
-[data]
-dir = "{data_dir}"
+{data_toml(data_dir)}
 [train]
 steps = {steps}
 batch_size = 4
@@ -132,10 +133,19 @@ def test_bad_inputs_end_with_exit_code_2_and_keep_saved_work(tmp_path, prepared,
     assert main(["train", str(recipe), "--backend", "torch", "--out", str(out), "--quiet", "--resume",
                  "--set", "model.dim=128", "--set", "train.steps=8"]) == 2
     assert "shape" in capsys.readouterr().err
-    # Missing data.
-    assert main(["train", str(recipe), "--backend", "torch", "--out", str(tmp_path / "x"), "--quiet",
-                 "--set", f"data.dir={tmp_path / 'nothing'}"]) == 2
-    assert "nothing" in capsys.readouterr().err
+    # A data source whose file is missing.
+    missing = tmp_path / "missing.toml"
+    missing.write_text(recipe.read_text().split("[data]")[0] + f"""
+[data]
+dir = "{tmp_path / 'other-data'}"
+[[data.sources]]
+name = "books"
+type = "text"
+path = "{tmp_path / 'no-such-book.txt'}"
+""")
+    assert main(["train", str(missing), "--backend", "torch", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "books" in err and "no-such-book" in err and err.count("\n") == 1
     # A diverging run: an absurd learning rate makes the loss infinite or NaN.
     assert main(["train", str(recipe), "--backend", "torch", "--out", str(out), "--quiet", "--resume",
                  "--set", "train.steps=40", "--set", "optim.lr=1e30", "--set", "optim.grad_clip=0.0"]) == 2
@@ -150,11 +160,12 @@ def test_sampler_is_deterministic_bos_aligned_and_follows_weights(prepared):
     from tinylm.data.shards import ShardSet
 
     shards = ShardSet(prepared)
-    phases = [Phase("a", 0, {"alpha": 3.0, "beta": 1.0}), Phase("b", 64 * 32 * 10, {"alpha": 0.0, "beta": 1.0})]
+    phases = [Phase("a", 0, {"arithmetic": 3.0, "stories": 1.0}),
+              Phase("b", 64 * 32 * 10, {"arithmetic": 0.0, "stories": 1.0})]
     sampler = MixtureSampler(shards, phases, seq_len=32, rows_per_step=64, seed=5)
     assert np.array_equal(sampler.batch(3), sampler.batch(3))
     assert not np.array_equal(sampler.batch(3), sampler.batch(4))
     assert np.all(sampler.batch(7)[:, 0] == shards.bos_id)
-    share = np.mean([s == "alpha" for step in range(10) for s in sampler.row_sources(step)])
+    share = np.mean([s == "arithmetic" for step in range(10) for s in sampler.row_sources(step)])
     assert abs(share - 0.75) < 0.03
-    assert set(sampler.row_sources(10)) == {"beta"}
+    assert set(sampler.row_sources(10)) == {"stories"}

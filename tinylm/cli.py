@@ -12,9 +12,15 @@ import typer
 from tinylm import model, recipe as recipes
 from tinylm.cli_base import make_app
 from tinylm.config import to_dict
+from tinylm.data import cli as data_cli
+from tinylm.eval.cli import register as register_eval_commands
 from tinylm.data.shards import MANIFEST, ShardSet
+from tinylm.errors import UserError
 
 app = make_app(help="Train sub-billion reasoning language models on MLX or PyTorch from one recipe.")
+app.add_typer(data_cli.app, name="data", help="Prepare token shards and compute mixtures.")
+app.add_typer(data_cli.tokenizer_app, name="tokenizer", help="Train a BPE tokenizer on a recipe's mixture.")
+register_eval_commands(app)  # generate, chat, eval, export, import
 
 SET_HELP = "Override a recipe value: section.key=value (repeatable)."
 
@@ -77,6 +83,52 @@ def train(
     trainer = Trainer(recipe, engine, out=out, resume=resume, allow_data_change=allow_data_change, reporter=reporter)
     summary = trainer.fit()
     reporter.say(f"done: {trainer.out} " + json.dumps({k: v for k, v in summary.items() if k != "phase"}))
+
+
+@app.command()
+def bench(
+    backend: List[str] = typer.Option(["torch", "mlx"], "--backend", help="Backends to measure (repeatable)."),
+    out: Path = typer.Option(Path("runs/bench.json"), help="Where to write the JSON report."),
+):
+    """Measure training tokens/s and MFU per backend, and data preparation throughput."""
+    from tinylm.bench import run
+
+    run(tuple(backend), out)
+
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"
+
+
+@app.command()
+def quickstart(
+    backend: str = typer.Option("auto", help="auto, mlx or torch."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    fresh: bool = typer.Option(False, "--fresh", help="Start over instead of continuing an earlier quickstart."),
+):
+    """Prepare the built-in data, train the quickstart model, evaluate it and show what it writes."""
+    import shutil
+
+    from tinylm import checkpoint
+    from tinylm.data.synthetic import problems
+    from tinylm.generate import SamplingConfig, generate, load_model
+
+    if not QUICKSTART.is_file():
+        raise UserError(f"the quickstart recipe is missing: {QUICKSTART}")
+    recipe = recipes.load(QUICKSTART, set_)
+    out = Path(recipe.train.out)
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    steps = checkpoint.list_steps(out)
+    if steps and checkpoint.load(steps[-1], with_optimizer=False).step >= recipe.train.steps:
+        print(f"{out} is already trained; --fresh starts over", file=sys.stderr)
+    else:
+        train(QUICKSTART, backend=backend, set_=set_, out=None, resume=bool(steps), allow_data_change=False,
+              quiet=False)
+    lm, tok, ckpt = load_model(out, backend)
+    problem = problems("arithmetic", n=1, split="test")[0]
+    completion = generate(lm, tok, [problem.prompt], SamplingConfig(max_tokens=96), ckpt.meta)[0]
+    print(f"\nprompt:   {problem.prompt.strip()}\nmodel:    {completion.text.strip()}\nexpected: {problem.answer}")
+    print(f"\ncheckpoint: {ckpt.path}\nnext: tinylm eval {out} --tasks arithmetic,word_problems --limit 100")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,6 +56,18 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The `[eval]` section: task evaluation during and at the end of training."""
+
+    tasks: list[str] = field(default_factory=list)
+    """Task names as `tinylm eval --tasks` takes them (e.g. arithmetic, word_problems, gsm8k:path); empty: none."""
+    every: int = 0
+    """Steps between task evaluations; 0 evaluates only after the last step."""
+    limit: int = 50
+    """Examples per task (0 for all)."""
+
+
+@dataclass
 class Recipe:
     """A whole recipe file."""
 
@@ -66,6 +78,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:

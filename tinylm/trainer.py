@@ -21,6 +21,15 @@ from tinylm.schedule import lr_at
 from tinylm.train_module import TrainModule
 
 
+def format_eval(results: dict) -> str:
+    """`task metric value` pairs, the main metric of each task (the first one reported)."""
+    parts = []
+    for task, metrics in results.items():
+        name, value = next((k, v) for k, v in metrics.items() if not k.endswith("_stderr") and k != "samples")
+        parts.append(f"{task} {name} {value:.3f}")
+    return ", ".join(parts)
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per row, flushed as written; on resume, rows past the checkpoint go."""
 
@@ -60,6 +69,7 @@ class Trainer:
         self.module = TrainModule(backend, self.shape, recipe.optim, self.cfg.dtype)
         self.flops_per_token = model.flops_per_token(self.shape, self.cfg.seq_len)
         self.peak = peak_flops(backend.device_name, self.cfg.dtype)
+        self._tasks = None
         self._start(resume, allow_data_change)
 
     def _start(self, resume: bool, allow_data_change: bool) -> None:
@@ -112,6 +122,15 @@ class Trainer:
         bpb = nats / (math.log(2) * nbytes) if nbytes else float("nan")
         return {"val_loss": nats / ntokens, "val_bpb": bpb}
 
+    def evaluate_tasks(self) -> dict:
+        """The recipe's `[eval]` tasks on the current weights: {task: {metric: value}}."""
+        from tinylm.eval.harness import evaluate
+        from tinylm.eval.tasks import load_tasks
+
+        if self._tasks is None:
+            self._tasks = load_tasks(self.recipe.eval.tasks, self.recipe.eval.limit or None)
+        return evaluate(self.backend, self.shape, self.params, self.shards.tokenizer_path, self._tasks)
+
     def save(self) -> None:
         if self.rank != 0:
             return
@@ -160,6 +179,11 @@ class Trainer:
                 self._log({"step": self.step, **val})
                 last.update(val)
                 self.reporter.say(f"step {self.step}: val_loss {val['val_loss']:.4f} val_bpb {val['val_bpb']:.4f}")
+            every = self.recipe.eval.every
+            if self.recipe.eval.tasks and ((every and self.step % every == 0) or final):
+                results = self.evaluate_tasks()
+                self._log({"step": self.step, "eval": results})
+                self.reporter.say(f"step {self.step}: " + format_eval(results))
             if self.step % cfg.ckpt_every == 0 or final:
                 self.save()
             self.reporter.advance(self.step, loss)

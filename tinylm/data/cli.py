@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from typing import List, Optional
 
 import typer
 
+from tinylm import recipe as recipes
+from tinylm.cli_base import make_app
 from tinylm.errors import UserError
 
-app = typer.Typer(help="Prepare token shards and compute mixture weights.", no_args_is_help=True)
-tokenizer_app = typer.Typer(help="Train or inspect the tokenizer.", no_args_is_help=True)
-
+app = make_app(help="Prepare token shards and compute mixture weights.")
+tokenizer_app = make_app(help="Train or inspect the tokenizer.")
 
 
 @tokenizer_app.callback()
@@ -24,32 +24,9 @@ def _tokenizer_group():
 SET_HELP = "Override a recipe value: section.key=value (repeatable)."
 
 
-def _user_errors(fn):
-    """A UserError becomes one line on stderr and exit code 2, also when the sub-apps run on their own."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
 def load_recipe(path: str, overrides: list[str] | None):
-    """The whole recipe when the recipe module is available (so `--set train.steps=...` works), its data section."""
-    from tinylm import config
-
-    try:
-        from tinylm.recipe import Recipe
-    except ImportError:  # the data half used on its own
-        from tinylm.data.config import DataConfig
-
-        data = config.apply_overrides(config.read_toml(path), list(overrides or []))
-        return None, config.from_dict(DataConfig, data.get("data", {}), str(path), prefix="data")
-    recipe = config.load(Recipe, path, overrides)
+    """The whole recipe (so `--set train.steps=...` works) and its data section."""
+    recipe = recipes.load(path, overrides)
     return recipe, recipe.data
 
 
@@ -69,7 +46,6 @@ def _console():
 
 
 @app.command("prepare")
-@_user_errors
 def prepare_cmd(
     recipe: str = typer.Argument(..., help="Recipe TOML file."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
@@ -101,7 +77,6 @@ def prepare_cmd(
 
 
 @app.command("mix")
-@_user_errors
 def mix_cmd(
     recipe: str = typer.Argument(..., help="Recipe TOML file."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
@@ -152,7 +127,6 @@ def mix_cmd(
 
 
 @tokenizer_app.command("train")
-@_user_errors
 def tokenizer_train_cmd(
     recipe: str = typer.Argument(..., help="Recipe TOML file."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),

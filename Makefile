@@ -1,0 +1,34 @@
+# tinylm make targets. `make quickstart` and `make test` each set up what they need first.
+PYTHON ?= python3
+# Pinned so that pip does not replace a CPU build with a multi-GB CUDA one (or the reverse) behind your back;
+# on a CUDA machine set TORCH_SPEC to the build you want, e.g. TORCH_SPEC="torch --index-url ...".
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= torch,mlx,dev
+STAMP := .setup-stamp
+PYTEST := $(PYTHON) -m pytest -q -p no:cacheprovider
+
+.PHONY: setup quickstart test test-slow test-all bench clean
+
+$(STAMP): pyproject.toml
+	@bash scripts/setup.sh "$(PYTHON)" "$(TORCH_SPEC)" "$(EXTRAS)"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: $(STAMP)
+	$(PYTHON) -m tinylm quickstart
+
+test: $(STAMP)
+	$(PYTEST) -m "not slow"
+
+test-slow: $(STAMP)
+	$(PYTEST) -m slow
+
+test-all: $(STAMP)
+	$(PYTEST)
+
+bench: $(STAMP)
+	$(PYTHON) -m tinylm bench
+
+clean:
+	rm -rf runs data/synthetic* $(STAMP) build *.egg-info

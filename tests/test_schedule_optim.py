@@ -71,3 +71,30 @@ def test_clipping_bounds_the_global_norm():
     assert float(norm) == pytest.approx(10.0)
     total = np.sqrt(sum((v.numpy() ** 2).sum() for v in clipped.values()))
     assert total == pytest.approx(1.0, rel=1e-4)
+
+
+def test_fused_adamw_kernel_matches_the_core_rule():
+    pytest.importorskip("torch")
+    from tinylm import model
+    from tinylm.backends.torch import TorchBackend
+    from tinylm.model import ModelConfig, resolve
+    from tinylm.optim import OptimConfig
+    from tinylm.train_module import TrainModule
+
+    shape = resolve(ModelConfig(preset="micro"))
+    weights = model.init_params(shape, 0)
+    batch = np.random.default_rng(0).integers(0, shape.vocab_size, (4, 33))
+    results = []
+    for fused in (False, True):
+        backend = TorchBackend(fused_adamw=fused)
+        module = TrainModule(backend, shape, OptimConfig(lr=3e-3, weight_decay=0.1))
+        params = backend.from_numpy(weights)
+        state = module.init_state(params)
+        losses = []
+        for step in range(5):
+            params, state, loss, _ = module.step(params, state, [batch], 3e-3, step + 1)
+            losses.append(loss)
+        results.append((losses, backend.to_numpy(params)))
+    (plain_losses, plain), (fused_losses, fused_params) = results
+    assert np.allclose(plain_losses, fused_losses, atol=1e-5)
+    assert max(np.abs(plain[k] - fused_params[k]).max() for k in plain) < 1e-5

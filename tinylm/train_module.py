@@ -23,17 +23,23 @@ class TrainModule:
         def loss_fn(params, batch):
             return model.loss(ops, params, batch, shape, compute_dtype)
 
+        fused = backend.fused_adamw(optim_cfg)
+
         def apply(params, state, grads, lr, step):
             grads, norm = optim.clip_by_global_norm(ops, grads, optim_cfg.grad_clip)
             params, state = optim.update(ops, optim_cfg, params, grads, state, lr, step)
             return params, state, norm
+
+        def apply_fused(params, state, grads, lr, step):
+            grads, norm = optim.clip_by_global_norm(ops, grads, optim_cfg.grad_clip)
+            return (*fused(params, grads, state, lr, step), norm)
 
         def token_losses(params, batch):
             cast = params if compute_dtype == "float32" else {k: ops.cast(v, compute_dtype) for k, v in params.items()}
             return ops.cross_entropy(model.forward(ops, cast, batch[:, :-1], shape), batch[:, 1:])
 
         self._grad = backend.grad_step(loss_fn)
-        self._apply = backend.pure_step(apply)
+        self._apply = backend.pure_step(apply) if fused is None else apply_fused
         self._token_losses = backend.pure_step(token_losses)
 
     def init_state(self, params: dict) -> dict:

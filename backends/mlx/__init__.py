@@ -140,6 +140,10 @@ class MLXBackend:
         """A function of arrays with no gradient (the optimizer update, evaluation), compiled if asked."""
         return mx.compile(fn) if self.use_compile else fn
 
+    def fused_adamw(self, cfg):
+        """None: MLX compiles the core rule into fused kernels itself (`pure_step`)."""
+        return None
+
     def sync(self) -> None:
         mx.synchronize()
 

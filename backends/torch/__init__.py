@@ -95,12 +95,13 @@ class TorchOps:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, dtype: str = "float32", compile: bool = False):
+    def __init__(self, dtype: str = "float32", compile: bool = False, fused_adamw: bool | None = None):
         if dtype not in _DTYPES:
             raise UserError(f"unknown dtype {dtype!r} (choose from {', '.join(_DTYPES)})")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype
         self.use_compile = compile
+        self.use_fused_adamw = self.device.type == "cuda" if fused_adamw is None else fused_adamw
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not torch.distributed.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             torch.distributed.init_process_group(backend)
@@ -160,6 +161,30 @@ class TorchBackend:
                 return inner(*args)
 
         return wrapped
+
+    def fused_adamw(self, cfg):
+        """AdamW through PyTorch's fused kernel (one launch per parameter group) where it pays off: on CUDA,
+        or when asked for with `fused_adamw=True`. Same rule as `tinylm.optim.update`, in place.
+
+        Returns None (use the core rule) elsewhere.
+        """
+        if not self.use_fused_adamw or cfg.name != "adamw":
+            return None
+        from torch.optim.adamw import adamw
+
+        @torch.no_grad()
+        def update(params, grads, state, lr, step):
+            for decay, names in ((cfg.weight_decay, [k for k in params if params[k].dim() >= 2]),
+                                 (0.0, [k for k in params if params[k].dim() < 2])):
+                # The kernel counts steps itself: hand it the count before this step.
+                steps = [torch.full((), float(step) - 1.0, device=self.device) for _ in names]
+                adamw([params[k] for k in names], [grads[k] for k in names],
+                      [state["exp_avg." + k] for k in names], [state["exp_avg_sq." + k] for k in names], [],
+                      steps, fused=True, amsgrad=False, beta1=cfg.beta1, beta2=cfg.beta2, lr=float(lr),
+                      weight_decay=decay, eps=cfg.eps, maximize=False)
+            return params, state
+
+        return update
 
     def sync(self) -> None:
         if self.device.type == "cuda":

@@ -21,19 +21,20 @@ from tinylm.optim import OptimConfig
 from tinylm.train_module import TrainModule
 
 
-def measured_matmul_peak(backend, n: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of an n x n x n float32 matmul through the backend's own linear op."""
+def measured_matmul_peak(backend, sizes=(1024, 2048, 4096), repeats: int = 5) -> float:
+    """Best FLOP/s of square float32 matmuls through the backend's own linear op, over a few sizes."""
     rng = np.random.default_rng(0)
-    arrays = backend.from_numpy({"a": rng.standard_normal((n, n), dtype=np.float32),
-                                 "b": rng.standard_normal((n, n), dtype=np.float32)})
-    best = float("inf")
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        out = backend.ops.linear(arrays["a"], arrays["b"])
-        backend.materialize(out)
-        backend.sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best
+    best = 0.0
+    for n in sizes:
+        arrays = backend.from_numpy({"a": rng.standard_normal((n, n), dtype=np.float32),
+                                     "b": rng.standard_normal((n, n), dtype=np.float32)})
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            out = backend.ops.linear(arrays["a"], arrays["b"])
+            backend.materialize(out)
+            backend.sync()
+            best = max(best, 2.0 * n**3 / (time.perf_counter() - t0))
+    return best
 
 
 def train_throughput(backend, preset: str, seq_len: int, batch_size: int, steps: int, vocab_size: int = 32000):

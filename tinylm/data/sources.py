@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import gzip
 import io
-import json
 import os
 import re
 from pathlib import Path
@@ -20,6 +19,7 @@ from tinylm.data import synthetic
 from tinylm.data.config import JSON_FORMATS, SOURCE_TYPES, SourceConfig
 from tinylm.data.tokenizer import render_chat
 from tinylm.errors import UserError
+from tinylm.jsonl import iter_records
 
 Record = Union[str, list]
 TEXT_SUFFIXES = (".txt", ".md")
@@ -161,13 +161,7 @@ def _read_jsonl(src: SourceConfig) -> Iterator[Record]:
     for f in input_files(src):
         try:
             with _open_maybe_gzip(f) as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"data source {src.name!r}: {f} line {lineno} is not valid JSON ({e.msg})") from None
+                for lineno, rec in iter_records(fh, f"data source {src.name!r}: {f}"):
                     yield rec, f"{f} line {lineno}"
         except (OSError, UnicodeDecodeError, EOFError) as e:
             raise UserError(f"data source {src.name!r}: cannot read {f}: {_one_line(e)}") from None

@@ -8,12 +8,12 @@ zero-shot templates for the public benchmarks, so scores are comparable with its
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tinylm.errors import UserError
+from tinylm.jsonl import iter_records
 
 
 @dataclass
@@ -46,13 +46,7 @@ def _read_jsonl(path: Path) -> list[dict]:
         raise UserError(f"task file not found: {path}")
     rows = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        for n, row in iter_records(f, str(path)):
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{n}: expected a JSON object per line")
             rows.append(row)

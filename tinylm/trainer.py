@@ -56,15 +56,21 @@ class Trainer:
         self.cfg = recipe.train
         self.out = Path(out or recipe.train.out)
         self.reporter = reporter or RunReporter(enabled=False)
-        self.shards = data_setup.open_prepared(recipe.data)
+        self.world, self.rank = backend.world_size, backend.rank
+        # Rank 0 prepares the data and the mixture; the other ranks wait, then read what it wrote.
+        if self.rank:
+            backend.barrier()
+        self.shards = data_setup.open_prepared(recipe.data, progress=self.reporter.enabled)
+        rows_per_rank = self.cfg.batch_size * self.cfg.grad_accum
+        total_tokens = self.cfg.steps * rows_per_rank * self.world * self.cfg.seq_len
+        phases = data_setup.phases(recipe.data, self.shards, total_tokens, progress=self.reporter.enabled)
+        if not self.rank:
+            backend.barrier()
         self.shape = model.resolve(recipe.model, vocab_size=None if recipe.model.vocab_size else self.shards.vocab_size)
         if self.shape.vocab_size < self.shards.vocab_size:
             raise UserError(f"model.vocab_size {self.shape.vocab_size} is smaller than the tokenizer's {self.shards.vocab_size}")
         if self.cfg.seq_len > self.shape.max_seq_len:
             raise UserError(f"train.seq_len {self.cfg.seq_len} exceeds the model's max_seq_len {self.shape.max_seq_len}")
-        self.world, self.rank = backend.world_size, backend.rank
-        rows_per_rank = self.cfg.batch_size * self.cfg.grad_accum
-        phases = data_setup.phases(recipe.data, self.shards, self.cfg.steps * rows_per_rank * self.world * self.cfg.seq_len)
         self.sampler = MixtureSampler(self.shards, phases, self.cfg.seq_len, rows_per_rank * self.world, self.cfg.seed)
         self.module = TrainModule(backend, self.shape, recipe.optim, self.cfg.dtype)
         self.flops_per_token = model.flops_per_token(self.shape, self.cfg.seq_len)

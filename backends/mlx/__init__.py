@@ -164,6 +164,10 @@ class MLXBackend:
             return grads
         return {k: mx.distributed.all_sum(g, group=self._group) / self.world_size for k, g in grads.items()}
 
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            mx.eval(mx.distributed.all_sum(mx.array(0.0), group=self._group))
+
     def all_mean_scalar(self, x):
         return self.all_mean({"x": x})["x"]
 

@@ -210,6 +210,10 @@ class TorchBackend:
             g.div_(self.world_size)
         return grads
 
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
     def all_mean_scalar(self, x):
         return self.all_mean({"x": x.clone()})["x"]
 

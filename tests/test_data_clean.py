@@ -67,3 +67,43 @@ def test_quality_rules_are_counted_and_can_be_off():
 def test_repeated_ngram_share_bounds():
     assert repeated_ngram_share("one two three".split(), 5) == 0
     assert repeated_ngram_share("x y x y x y".split(), 2) == 1
+
+
+def test_batched_scan_matches_the_per_document_rules_and_datasketch():
+    import random
+
+    import numpy as np
+    from datasketch import MinHash
+
+    from tinylm.data.clean import dedup_key, scan_documents, shingle_hashes
+
+    rng = random.Random(3)
+    vocab = "the a mill river Straße grain ... #tag wheel old CAFÉ bees light, went grey!".split() + ["\u2026"]
+    docs = [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 60))) for _ in range(300)]
+    docs += ["buy cheap shoes now " * 6, "one two", "", "x y x y x y x y x y x y x y x y x y x y"]
+    cfg = CleanConfig(repeated_ngram_n=3)
+    for (text, _, rule, key, sig), raw in zip(scan_documents(docs, cfg, quality=True), docs):
+        stripped = text.strip()
+        if rule in ("empty", "too_short"):
+            continue
+        assert key == dedup_key(stripped)
+        assert rule == quality_failure(stripped, cfg)
+        if rule is None:
+            ref = MinHash(num_perm=cfg.near_dedup_num_perm, seed=1, hashfunc=int)
+            ref.update_batch(shingle_hashes(stripped, cfg.near_dedup_shingle, {}).tolist())
+            assert np.array_equal(sig, ref.hashvalues)
+
+
+def test_repeated_ngram_shares_survive_hash_collisions(monkeypatch):
+    import numpy as np
+
+    from tinylm.data import clean
+
+    docs = ["a b c a b c d", "x y z w x y z", "p q r s t u v"]
+    folded = [d.split() for d in docs]
+    lengths = [[len(w) for w in words] for words in folded]
+    expected = [repeated_ngram_share(words, 3) for words in folded]
+    assert clean.repeated_ngram_shares(folded, lengths, 3) == expected
+    # Every n-gram hashing alike forces the exact fallback.
+    monkeypatch.setattr(clean, "ngram_hashes", lambda ids, n: np.zeros(len(ids) - n + 1, dtype=np.uint64))
+    assert clean.repeated_ngram_shares(folded, lengths, 3) == expected

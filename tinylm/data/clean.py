@@ -8,12 +8,14 @@ order-dependent deduplication (`resolve_scans`) so that the first can run on eve
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import string
 import unicodedata
 import zlib
-from collections import Counter
+from collections import Counter, defaultdict
+from itertools import chain
 
 import numpy as np
 
@@ -130,36 +132,214 @@ def _minhash_classes():
     return MinHash, LeanMinHash, MinHashLSH
 
 
+class _StrippedLength(dict):
+    """Length of each word without surrounding punctuation, computed once per distinct word."""
+
+    def __missing__(self, word: str) -> int:
+        n = self[word] = len(word.strip(_PUNCTUATION))
+        return n
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    # MurmurHash3's 32-bit finalizer: datasketch's default "affine32" scheme pre-mixes every input with it.
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+class MinHasher:
+    """MinHash signatures of many documents at once, equal to datasketch's `MinHash.update_batch` over each
+    document's shingle hashes (the "affine32" scheme, the default), without a Python call per document."""
+
+    def __init__(self, num_perm: int, seed: int = 1):
+        MinHash, _, _ = _minhash_classes()
+        template = MinHash(num_perm=num_perm, seed=seed, hashfunc=int)
+        if template.scheme != "affine32":
+            raise UserError(f"datasketch's default MinHash scheme is {template.scheme!r}; tinylm expects 'affine32'")
+        a, b = np.asarray(template.permutations, dtype=np.uint32)
+        self.a, self.b = a[None, :], b[None, :]
+
+    def signatures(self, hashes: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """One signature row per document; document i owns `hashes[starts[i]:starts[i + 1]]` (never empty)."""
+        mixed = _fmix32(hashes.astype(np.uint32))[:, None]
+        out = np.empty((len(starts), self.a.shape[1]), dtype=np.uint32)
+        # Blocks of documents bound the (shingles x permutations) matrix, which would otherwise be large.
+        bounds = list(range(0, len(starts), 64)) + [len(starts)]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            first = starts[lo]
+            last = starts[hi] if hi < len(starts) else len(hashes)
+            with np.errstate(over="ignore"):
+                phv = mixed[first:last] * self.a + self.b
+            out[lo:hi] = np.minimum.reduceat(phv, starts[lo:hi] - first, axis=0)
+        return out
+
+
+@functools.lru_cache(maxsize=4)
+def _minhasher(num_perm: int, seed: int) -> MinHasher:
+    return MinHasher(num_perm, seed)
+
+
+def _dense(values: np.ndarray) -> np.ndarray:
+    return np.unique(values, return_inverse=True)[1].reshape(-1)
+
+
+def _repeated_starts(ids: np.ndarray, owner: np.ndarray, starts: np.ndarray, n: int) -> np.ndarray:
+    """The n-gram starts whose n-gram occurs again in the same document.
+
+    A 64-bit hash sorts the n-grams once; equal neighbours are then compared word by word, and only if a
+    collision ever shows up are the n-grams renumbered exactly (one `np.unique` per word), so the result never
+    depends on the hash.
+    """
+    with np.errstate(over="ignore"):
+        keyed = ngram_hashes(ids.astype(np.uint64), n)[starts] + owner[starts].astype(np.uint64) * _MIX
+    order = np.argsort(keyed, kind="stable")
+    ranked = keyed[order]
+    same = ranked[1:] == ranked[:-1]
+    left, right = starts[order[:-1][same]], starts[order[1:][same]]
+    equal = owner[left] == owner[right]
+    for j in range(n):
+        equal &= ids[left + j] == ids[right + j]
+    if equal.all():
+        dup = np.zeros(len(starts), dtype=bool)
+        pos = np.flatnonzero(same)
+        dup[order[pos]] = True
+        dup[order[pos + 1]] = True
+        return starts[dup]
+    width = np.int64(max(int(ids.max()), int(owner.max())) + 2)
+    gram = ids[starts]
+    for j in range(1, n):
+        gram = _dense(gram * width + ids[starts + j])
+    gram = gram * width + owner[starts]
+    _, inverse, counts = np.unique(gram, return_inverse=True, return_counts=True)
+    return starts[counts[inverse.reshape(-1)] > 1]
+
+
+def repeated_ngram_shares(folded: list[list[str]], lengths: list[list[int]], n: int) -> list[float]:
+    """`repeated_ngram_share` of many documents at once (given case-folded words and original word lengths).
+
+    N-grams are compared exactly: words get dense ids, and each n-gram's id is built one word at a time by
+    renumbering (id, next word) pairs, so no hash collision can merge two different n-grams.
+    """
+    shares = [0.0] * len(folded)
+    docs = [i for i, words in enumerate(folded) if n > 0 and len(words) >= n]
+    if not docs:
+        return shares
+    vocab: defaultdict[str, int] = defaultdict()
+    vocab.default_factory = vocab.__len__  # a new word gets the next id
+    ids = np.fromiter(map(vocab.__getitem__, chain.from_iterable(folded[i] for i in docs)), dtype=np.int64)
+    sizes = np.array([len(folded[i]) for i in docs], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    owner = np.repeat(np.arange(len(docs)), sizes)
+    count = len(ids) - n + 1
+    starts = np.arange(count)
+    starts = starts[starts + n <= offsets[owner[:count] + 1]]
+    repeated = _repeated_starts(ids, owner, starts, n)
+    edges = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.add.at(edges, repeated, 1)
+    np.add.at(edges, repeated + n, -1)
+    covered = np.cumsum(edges[:-1]) > 0
+    chars = np.array([x for i in docs for x in lengths[i]], dtype=np.int64)
+    covered_chars = np.add.reduceat(np.where(covered, chars, 0), offsets[:-1])
+    total_chars = np.add.reduceat(chars, offsets[:-1])
+    for k, i in enumerate(docs):
+        total = int(total_chars[k])
+        shares[i] = int(covered_chars[k]) / total if total else 0.0
+    return shares
+
+
 def scan_documents(docs: list[str], cfg: CleanConfig, quality: bool, seed: int = 1) -> list[tuple]:
     """The per-document half of cleaning, independent across documents (so it runs in worker processes).
 
     One tuple per document: (NFC text, whether NFC changed it, the rule that removes it or None, its exact-dedup
     key, its MinHash signature or None). The order-dependent half, deduplication, is `resolve_scans`.
+
+    The rules are those of `quality_failure`, `dedup_key` and `shingle_hashes`, evaluated for the whole batch
+    with numpy where a per-document Python loop was most of the cost of `prepare`.
     """
-    template = None
-    if cfg.near_dedup:
-        MinHash, _, _ = _minhash_classes()
-        # Shingles arrive already hashed, so the hash function is the identity.
-        template = MinHash(num_perm=cfg.near_dedup_num_perm, seed=seed, hashfunc=int)
-    cache: dict[str, int] = {}
-    out = []
+    rows: list[list] = []
+    folded: list[list[str]] = []
+    lengths: list[list[int]] = []
+    texts: list[str] = []
+    stripped_len = _StrippedLength()
     for raw in docs:
-        text = normalize(raw)
+        # ASCII text is already NFC; skipping the call matters because most documents are ASCII.
+        text = raw if raw.isascii() else normalize(raw)
         stripped = text.strip()
-        key, signature = None, None
+        row = [text, text != raw, None, None, None]
+        rows.append(row)
         if not stripped:
-            rule = "empty"
-        elif len(stripped) < cfg.min_chars or len(stripped.split()) < cfg.min_words:
-            rule = "too_short"
+            row[2] = "empty"
+            continue
+        words = stripped.split()
+        if len(stripped) < cfg.min_chars or len(words) < cfg.min_words:
+            row[2] = "too_short"
+            continue
+        # Case folding never creates or removes whitespace, so folding the words one by one or the text at
+        # once gives the same words, and joining them is `dedup_key`'s whitespace collapse.
+        fwords = stripped.casefold().split()
+        row[3] = hashlib.blake2b(" ".join(fwords).encode(), digest_size=16).digest()
+        folded.append(fwords)
+        texts.append(stripped)
+        if quality:
+            lens = list(map(stripped_len.__getitem__, words))
+            bare = len(lens) - lens.count(0)
+            mean_len = sum(lens) / bare if bare else 0.0
+            if not cfg.min_mean_word_length <= mean_len <= cfg.max_mean_word_length:
+                row[2] = "mean_word_length"
+            elif len(_SYMBOL.findall(stripped)) / len(words) > cfg.max_symbol_word_ratio:
+                row[2] = "symbol_word_ratio"
+            elif ("..." in stripped or "\u2026" in stripped) and _ellipsis_share(stripped) > cfg.max_ellipsis_line_share:
+                row[2] = "ellipsis_lines"
+            lengths.append(list(map(len, words)))
         else:
-            rule = quality_failure(stripped, cfg) if quality else None
-            key = dedup_key(stripped)
-            if rule is None and template is not None:
-                mh = template.copy()
-                mh.update_batch(shingle_hashes(stripped, cfg.near_dedup_shingle, cache).tolist())
-                signature = mh.hashvalues
-        out.append((text, text != raw, rule, key, signature))
-    return out
+            lengths.append([])
+    pending = [r for r in rows if r[3] is not None]
+    if quality:
+        # Only documents no earlier rule removed are checked; the others' shares are computed but unused.
+        todo = [k for k, r in enumerate(pending) if r[2] is None]
+        shares = repeated_ngram_shares([folded[k] for k in todo], [lengths[k] for k in todo], cfg.repeated_ngram_n)
+        for k, share in zip(todo, shares):
+            if share > cfg.max_repeated_ngram_share:
+                pending[k][2] = "repeated_ngrams"
+    if cfg.near_dedup:
+        todo = [k for k, r in enumerate(pending) if r[2] is None]
+        if todo:
+            hashes, starts = _shingle_batch([folded[k] for k in todo], cfg.near_dedup_shingle)
+            sigs = _minhasher(cfg.near_dedup_num_perm, seed).signatures(hashes, starts)
+            for k, sig in zip(todo, sigs):
+                pending[k][4] = sig
+    return [tuple(r) for r in rows]
+
+
+def _ellipsis_share(text: str) -> float:
+    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
+    return sum(ln.endswith(("...", "\u2026")) for ln in lines) / len(lines)
+
+
+def _shingle_batch(folded: list[list[str]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every document's shingle hashes (as `shingle_hashes`, repeats kept: they cannot change a minimum) end to
+    end, and where each document's start."""
+    cache: dict[str, int] = {}
+    sizes = np.array([len(w) for w in folded], dtype=np.int64)
+    ids = word_ids([w for words in folded for w in words], cache)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    hashes = ngram_hashes(ids, n) if len(ids) >= n else np.zeros(0, dtype=np.uint64)
+    owner = np.repeat(np.arange(len(folded)), sizes)[: len(hashes)]
+    keep = np.arange(len(hashes)) + n <= offsets[owner + 1]
+    parts, starts, at = [], [], 0
+    full = (hashes[keep] >> np.uint64(32)).astype(np.uint32)
+    per_doc = np.maximum(sizes - n + 1, 0)
+    cut = np.concatenate([[0], np.cumsum(per_doc)])
+    for i, size in enumerate(sizes):
+        # A document shorter than a shingle is one shingle of all its words, as in `shingle_hashes`.
+        part = full[cut[i] : cut[i + 1]] if size >= n else \
+            (ngram_hashes(ids[offsets[i] : offsets[i + 1]], n) >> np.uint64(32)).astype(np.uint32)
+        parts.append(part)
+        starts.append(at)
+        at += len(part)
+    return np.concatenate(parts), np.array(starts, dtype=np.int64)
 
 
 def resolve_scans(scans, cfg: CleanConfig, seed: int = 1) -> tuple[list[str], dict]:

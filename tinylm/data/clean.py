@@ -349,14 +349,17 @@ def resolve_scans(scans, cfg: CleanConfig, seed: int = 1) -> tuple[list[str], di
     counts = {"input": 0, "nfc_changed": 0}
     kept: list[str] = []
     seen: set[bytes] = set()
-    lsh = lean = scheme = None
+    lsh = None
     if cfg.near_dedup:
         if not 0 < cfg.near_dedup_threshold < 1:
             raise UserError(f"data.clean.near_dedup_threshold must be between 0 and 1, got {cfg.near_dedup_threshold}")
-        MinHash, lean, MinHashLSH = _minhash_classes()
+        _, _, MinHashLSH = _minhash_classes()
+        # datasketch chooses the banding (bands x rows) for the threshold; the buckets are kept here as plain
+        # dicts keyed by each band's bytes, which finds the same candidates without a Python object per document.
         lsh = MinHashLSH(threshold=cfg.near_dedup_threshold, num_perm=cfg.near_dedup_num_perm)
-        scheme = MinHash(num_perm=1, seed=seed).scheme
-    signatures: dict[int, object] = {}
+        bands = [(i * lsh.r, (i + 1) * lsh.r) for i in range(lsh.b)]
+        buckets: list[dict[bytes, list[int]]] = [{} for _ in bands]
+    signatures: dict[int, np.ndarray] = {}
     for text, changed, rule, key, signature in scans:
         counts["input"] += 1
         counts["nfc_changed"] += changed
@@ -372,13 +375,17 @@ def resolve_scans(scans, cfg: CleanConfig, seed: int = 1) -> tuple[list[str], di
             removed[rule] += 1
             continue
         if lsh is not None:
-            mh = lean(seed=seed, hashvalues=signature, scheme=scheme)
-            # LSH only proposes candidates; confirm with the estimated Jaccard so the threshold means what it says.
-            if any(mh.jaccard(signatures[k]) >= cfg.near_dedup_threshold for k in lsh.query(mh)):
+            keys = [signature[lo:hi].tobytes() for lo, hi in bands]
+            candidates = {k for bucket, key in zip(buckets, keys) for k in bucket.get(key, ())}
+            # LSH only proposes candidates; confirm with the estimated Jaccard (datasketch's: the share of equal
+            # signature entries) so the threshold means what it says.
+            if any(np.count_nonzero(signature == signatures[k]) / len(signature) >= cfg.near_dedup_threshold
+                   for k in candidates):
                 removed["near_duplicate"] += 1
                 continue
-            signatures[len(kept)] = mh
-            lsh.insert(len(kept), mh)
+            signatures[len(kept)] = signature
+            for bucket, key in zip(buckets, keys):
+                bucket.setdefault(key, []).append(len(kept))
         kept.append(text)
     return kept, {"input": counts["input"], "kept": len(kept), "nfc_changed": counts["nfc_changed"],
                   "removed": removed}

@@ -45,7 +45,8 @@ class TrainConfig:
     out: str = "runs/default"
     """Run directory (metrics.jsonl, checkpoints/); `tinylm train --out` overrides it."""
     init_from: str = ""
-    """Start from this checkpoint's weights (fresh optimizer), e.g. for mid-training or fine-tuning."""
+    """Start from this checkpoint's weights and shape (fresh optimizer): mid-training, fine-tuning, or
+    continuing an imported model. Its vocabulary must cover the data's tokenizer."""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every"):

@@ -66,7 +66,12 @@ class Trainer:
         phases = data_setup.phases(recipe.data, self.shards, total_tokens, progress=self.reporter.enabled)
         if not self.rank:
             backend.barrier()
-        self.shape = model.resolve(recipe.model, vocab_size=None if recipe.model.vocab_size else self.shards.vocab_size)
+        self._init = checkpoint.load(self.cfg.init_from, with_optimizer=False) if self.cfg.init_from else None
+        if self._init is not None:
+            # Continuing a checkpoint (an imported model, say): its shape is the model, whatever the preset says.
+            self.shape = self._init.shape
+        else:
+            self.shape = model.resolve(recipe.model, vocab_size=recipe.model.vocab_size or self.shards.vocab_size)
         if self.shape.vocab_size < self.shards.vocab_size:
             raise UserError(f"model.vocab_size {self.shape.vocab_size} is smaller than the tokenizer's {self.shards.vocab_size}")
         if self.cfg.seq_len > self.shape.max_seq_len:
@@ -104,12 +109,7 @@ class Trainer:
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.step if resume else None) if self.rank == 0 else None
 
     def _initial_weights(self) -> dict:
-        if not self.cfg.init_from:
-            return model.init_params(self.shape, self.cfg.seed)
-        ckpt = checkpoint.load(self.cfg.init_from, with_optimizer=False)
-        if ckpt.shape != self.shape:
-            raise UserError(f"train.init_from {ckpt.path}: checkpoint is of another model shape than the recipe's")
-        return ckpt.params
+        return self._init.params if self._init is not None else model.init_params(self.shape, self.cfg.seed)
 
     def _log(self, row: dict) -> None:
         if self.metrics is not None:

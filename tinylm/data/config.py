@@ -137,6 +137,13 @@ class TokenizerConfig:
     path: str = ""
     """An existing tokenizer.json to use instead of training one (Hugging Face `tokenizers` format)."""
 
+    bos_token: str = ""
+    """Beginning-of-document token of an existing tokenizer; empty: tinylm's `<|bos|>`, or the one named by a
+    `tokenizer_config.json` or tinylm checkpoint (`tinylm import`) beside the tokenizer file."""
+
+    eos_token: str = ""
+    """End-of-text token of an existing tokenizer; empty: found as for `bos_token`."""
+
     vocab_size: int = 4096
     """Vocabulary size of a trained tokenizer, special tokens included."""
 

@@ -26,8 +26,8 @@ from tinylm.data.clean import _minhash_classes, dedup_key, resolve_scans, scan_d
 from tinylm.data.config import DataConfig, SourceConfig
 from tinylm.data.shards import MANIFEST, ShardSet, ShardWriter, atomic_write_bytes, atomic_write_json, token_dtype
 from tinylm.data.sources import cpu_count, documents, signature, validate_source
-from tinylm.data.tokenizer import (BOS, EOS, PAD, SPECIAL_TOKENS, load_tokenizer, require_special, save_tokenizer,
-                                   token_bytes, train_tokenizer)
+from tinylm.data.tokenizer import (PAD, SPECIAL_TOKENS, document_specials, load_tokenizer, save_tokenizer, token_bytes,
+                                   train_tokenizer)
 from tinylm.errors import UserError
 
 FORMAT_VERSION = 1
@@ -259,8 +259,7 @@ def prepare(cfg: DataConfig, *, force: bool = False, progress: bool = True, work
     with _progress(progress and sys.stderr.isatty()) as bar:
         cleaned = clean_sources(cfg, sources, workers, bar)
         tok = get_tokenizer(cfg, cleaned, root, cleaning_fingerprint(cfg, sources))
-        where = cfg.tokenizer.path or str(root / "tokenizer.json")
-        bos_id, eos_id = require_special(tok, BOS, where), require_special(tok, EOS, where)
+        bos_id, eos_id = document_specials(cfg.tokenizer, tok)
         vocab_size = tok.get_vocab_size(with_added_tokens=True)
         dtype = token_dtype(vocab_size)
         total_docs = sum(len(docs) for docs, _ in cleaned.values())

@@ -6,6 +6,7 @@ merges make arithmetic much harder to learn at small scale).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable
@@ -91,10 +92,30 @@ def special_id(tok, token: str) -> int | None:
     return tok.token_to_id(token)
 
 
+def document_specials(cfg, tok) -> tuple[int, int]:
+    """(bos id, eos id) for documents: names from the recipe, else from what sits beside an existing
+    tokenizer file (a tinylm checkpoint's state.json, an HF tokenizer_config.json), else tinylm's own."""
+    names = {"bos": cfg.bos_token, "eos": cfg.eos_token}
+    if cfg.path:
+        folder = Path(cfg.path).parent
+        declared = {}
+        if (folder / "state.json").is_file():
+            declared = json.loads((folder / "state.json").read_text()).get("special_tokens") or {}
+        elif (folder / "tokenizer_config.json").is_file():
+            hf = json.loads((folder / "tokenizer_config.json").read_text())
+            declared = {k: v.get("content") if isinstance(v, dict) else v
+                        for k in ("bos", "eos") if (v := hf.get(f"{k}_token"))}
+        for key in names:
+            names[key] = names[key] or declared.get(key) or ""
+    where = cfg.path or "the tokenizer"
+    return (require_special(tok, names["bos"] or BOS, where), require_special(tok, names["eos"] or EOS, where))
+
+
 def require_special(tok, token: str, where: str) -> int:
     tid = tok.token_to_id(token)
     if tid is None:
-        raise UserError(f"{where} has no {token} token; tinylm needs {', '.join(SPECIAL_TOKENS[:2])}")
+        raise UserError(f"{where} has no {token} token; name its document tokens with data.tokenizer.bos_token "
+                        "and data.tokenizer.eos_token")
     return tid
 
 

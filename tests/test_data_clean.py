@@ -107,3 +107,16 @@ def test_repeated_ngram_shares_survive_hash_collisions(monkeypatch):
     # Every n-gram hashing alike forces the exact fallback.
     monkeypatch.setattr(clean, "ngram_hashes", lambda ids, n: np.zeros(len(ids) - n + 1, dtype=np.uint64))
     assert clean.repeated_ngram_shares(folded, lengths, 3) == expected
+
+
+def test_resolve_scans_keys_are_dedup_keys_of_kept_documents():
+    from tinylm.data.clean import dedup_key, resolve_scans, scan_documents
+
+    docs = ["Hello  World, this is a test document.", "hello world, THIS is a test document.",
+            "\u00c9t\u00e9 \u2003 caf\u00e9 \u00df Stra\u00dfe and more words here", "  tabs\tand\nlines  everywhere here  ",
+            "x", "Another distinct document with enough words."]
+    cfg = CleanConfig(min_chars=0, min_words=0, near_dedup=False)
+    keys: list = []
+    kept, _ = resolve_scans(scan_documents(docs, cfg, quality=False), cfg, keys=keys)
+    assert keys == [dedup_key(d) for d in kept]
+    assert kept == clean_documents(docs, cfg, quality=False)[0]

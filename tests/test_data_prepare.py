@@ -189,3 +189,32 @@ def test_shared_files_prepare(tmp_path):
     shards = ShardSet(prep.prepare(cfg, progress=False))
     assert shards.split("shakespeare", "val").num_docs > 5
     assert shards.manifest["sources"]["gsm8k"]["cleaning"]["kept"] > 7000
+
+
+def test_split_docs_with_precomputed_keys_matches_recomputed():
+    from tinylm.data.clean import dedup_key
+
+    docs = [f"document number {i} with some words" for i in range(50)]
+    keys = [dedup_key(d) for d in docs]
+    assert prep.split_docs(docs, 0.1, keys) == prep.split_docs(docs, 0.1)
+    with pytest.raises(ValueError):
+        prep.split_docs(docs, 0.1, keys[:-1])
+
+
+def test_shard_writer_add_many_equals_add(tmp_path):
+    from tinylm.data.shards import ShardWriter
+
+    docs = [[1, 5, 7], [1], [1, 300, 2, 9], []]
+    one = ShardWriter(tmp_path / "a", "train", np.uint16)
+    for d in docs:
+        one.add(np.asarray(d, dtype=np.int64))
+    assert one.close() == (4, 8)
+    many = ShardWriter(tmp_path / "b", "train", np.uint16)
+    many.add_many(docs[:2])
+    many.add_many([])
+    many.add_many(docs[2:])
+    assert many.close() == (4, 8)
+    for name in ("train.bin", "train.idx.npy"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    with pytest.raises(ValueError):
+        ShardWriter(tmp_path / "c", "train", np.uint8).add_many([[1, 256]])

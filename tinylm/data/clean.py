@@ -342,22 +342,37 @@ def _shingle_batch(folded: list[list[str]], n: int) -> tuple[np.ndarray, np.ndar
     return np.concatenate(parts), np.array(starts, dtype=np.int64)
 
 
-def resolve_scans(scans, cfg: CleanConfig, seed: int = 1) -> tuple[list[str], dict]:
+_BANDINGS: dict[tuple[float, int], tuple[int, int]] = {}
+
+
+def _banding(threshold: float, num_perm: int) -> tuple[int, int]:
+    """datasketch's (bands, rows) for the threshold, remembered: choosing them numerically integrates over every
+    candidate banding, which cost more than deduplicating a small source, and it is redone for every source."""
+    if (threshold, num_perm) not in _BANDINGS:
+        _, _, MinHashLSH = _minhash_classes()
+        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        _BANDINGS[threshold, num_perm] = (lsh.b, lsh.r)
+    return _BANDINGS[threshold, num_perm]
+
+
+def resolve_scans(scans, cfg: CleanConfig, seed: int = 1, keys: list | None = None) -> tuple[list[str], dict]:
     """Apply the scans in input order: removal rules, then exact and near deduplication against earlier kept
-    documents. Returns the kept documents and the report (input, kept, nfc_changed, one count per rule)."""
+    documents. Returns the kept documents and the report (input, kept, nfc_changed, one count per rule).
+
+    When `keys` is a list, the `dedup_key` of each kept document is appended to it, in the same order, so later
+    steps (the train/val split) need not hash the text again."""
     removed = dict.fromkeys(RULES, 0)
     counts = {"input": 0, "nfc_changed": 0}
     kept: list[str] = []
     seen: set[bytes] = set()
-    lsh = None
-    if cfg.near_dedup:
+    near = cfg.near_dedup
+    if near:
         if not 0 < cfg.near_dedup_threshold < 1:
             raise UserError(f"data.clean.near_dedup_threshold must be between 0 and 1, got {cfg.near_dedup_threshold}")
-        _, _, MinHashLSH = _minhash_classes()
         # datasketch chooses the banding (bands x rows) for the threshold; the buckets are kept here as plain
         # dicts keyed by each band's bytes, which finds the same candidates without a Python object per document.
-        lsh = MinHashLSH(threshold=cfg.near_dedup_threshold, num_perm=cfg.near_dedup_num_perm)
-        bands = [(i * lsh.r, (i + 1) * lsh.r) for i in range(lsh.b)]
+        n_bands, rows = _banding(cfg.near_dedup_threshold, cfg.near_dedup_num_perm)
+        bands = [(i * rows, (i + 1) * rows) for i in range(n_bands)]
         buckets: list[dict[bytes, list[int]]] = [{} for _ in bands]
     signatures: dict[int, np.ndarray] = {}
     for text, changed, rule, key, signature in scans:
@@ -374,9 +389,9 @@ def resolve_scans(scans, cfg: CleanConfig, seed: int = 1) -> tuple[list[str], di
         if rule:
             removed[rule] += 1
             continue
-        if lsh is not None:
-            keys = [signature[lo:hi].tobytes() for lo, hi in bands]
-            candidates = {k for bucket, key in zip(buckets, keys) for k in bucket.get(key, ())}
+        if near:
+            band_keys = [signature[lo:hi].tobytes() for lo, hi in bands]
+            candidates = {k for bucket, band in zip(buckets, band_keys) for k in bucket.get(band, ())}
             # LSH only proposes candidates; confirm with the estimated Jaccard (datasketch's: the share of equal
             # signature entries) so the threshold means what it says.
             if any(np.count_nonzero(signature == signatures[k]) / len(signature) >= cfg.near_dedup_threshold
@@ -384,9 +399,11 @@ def resolve_scans(scans, cfg: CleanConfig, seed: int = 1) -> tuple[list[str], di
                 removed["near_duplicate"] += 1
                 continue
             signatures[len(kept)] = signature
-            for bucket, key in zip(buckets, keys):
-                bucket.setdefault(key, []).append(len(kept))
+            for bucket, band in zip(buckets, band_keys):
+                bucket.setdefault(band, []).append(len(kept))
         kept.append(text)
+        if keys is not None:
+            keys.append(key)
     return kept, {"input": counts["input"], "kept": len(kept), "nfc_changed": counts["nfc_changed"],
                   "removed": removed}
 

@@ -112,11 +112,12 @@ def _pool_context():
 
 
 def clean_sources(cfg: DataConfig, sources: list[SourceConfig], workers: int | None = None,
-                  progress=None) -> dict[str, tuple[list[str], dict]]:
+                  progress=None, keys: dict[str, list[bytes]] | None = None) -> dict[str, tuple[list[str], dict]]:
     """Read and clean every source; a `UserError` if any is left with no documents.
 
     Documents are read here, scanned (normalization, length and quality rules, MinHash signatures) in chunks on
-    every core, and deduplicated here in input order while the workers scan the chunks that follow.
+    every core, and deduplicated here in input order while the workers scan the chunks that follow. When `keys`
+    is a dict, it receives each source's `dedup_key`s of the kept documents, computed while scanning.
     """
     workers = workers or cfg.workers or cpu_count()
     read = {src.name: documents(src) for src in sources}
@@ -135,8 +136,11 @@ def clean_sources(cfg: DataConfig, sources: list[SourceConfig], workers: int | N
         scans = pool.imap(_scan_chunk, jobs) if pool else map(_scan_chunk, jobs)
 
         # Chunks come back in submission order, which is source order, so each source takes the next ones.
-        results = {src.name: resolve_scans(scans_of_next(owners, src.name, scans, progress, task), cfg.clean)
-                   for src in sources}
+        results = {}
+        for src in sources:
+            kept_keys = keys.setdefault(src.name, []) if keys is not None else None
+            results[src.name] = resolve_scans(scans_of_next(owners, src.name, scans, progress, task), cfg.clean,
+                                              keys=kept_keys)
     finally:
         if pool is not None:
             pool.terminate()
@@ -201,12 +205,18 @@ def get_tokenizer(cfg: DataConfig, cleaned, root: Path, fingerprint: str):
     return tok
 
 
-def split_docs(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+def split_docs(docs: list[str], val_fraction: float,
+               keys: list[bytes] | None = None) -> tuple[list[str], list[str]]:
     """(train, val) by document: the documents with the smallest content hashes are held out, so the choice
-    is stable when other documents are added or removed."""
+    is stable when other documents are added or removed. `keys`, if given, are the documents' `dedup_key`s
+    (cleaning already computed them)."""
     n = len(docs)
     n_val = 0 if n < 2 or val_fraction <= 0 else min(n - 1, max(1, math.ceil(val_fraction * n)))
-    ranked = sorted(range(n), key=lambda i: dedup_key(docs[i]))
+    if keys is None:
+        keys = [dedup_key(d) for d in docs]
+    elif len(keys) != n:
+        raise ValueError(f"split_docs: {len(keys)} keys for {n} documents")
+    ranked = sorted(range(n), key=keys.__getitem__)
     val_ids = set(ranked[:n_val])
     return [d for i, d in enumerate(docs) if i not in val_ids], [docs[i] for i in sorted(val_ids)]
 
@@ -214,12 +224,13 @@ def split_docs(docs: list[str], val_fraction: float) -> tuple[list[str], list[st
 def _write_split(tok, docs: list[str], source_dir: Path, split: str, dtype, bos_id: int, progress, task) -> dict:
     writer = ShardWriter(source_dir, split, dtype)
     n_bytes = 0
-    bos = np.array([bos_id], dtype=np.int64)
+    bos = [bos_id]
     for start in range(0, len(docs), ENCODE_BATCH):
         batch = docs[start : start + ENCODE_BATCH]
-        for enc in tok.encode_batch_fast(batch, add_special_tokens=False):
-            writer.add(np.concatenate([bos, np.asarray(enc.ids, dtype=np.int64)]))
-        n_bytes += sum(len(d.encode("utf-8")) for d in batch)
+        # One write per batch: per-document arrays cost as much as a good share of the encoding itself.
+        writer.add_many([bos + enc.ids for enc in tok.encode_batch_fast(batch, add_special_tokens=False)])
+        # Encoding the joined batch counts the same UTF-8 bytes as encoding each document.
+        n_bytes += len("".join(batch).encode("utf-8"))
         if progress:
             progress.advance(task, len(batch))
     n_docs, n_tokens = writer.close()
@@ -257,7 +268,8 @@ def prepare(cfg: DataConfig, *, force: bool = False, progress: bool = True, work
     (root / MANIFEST).unlink(missing_ok=True)
     started = time.perf_counter()
     with _progress(progress and sys.stderr.isatty()) as bar:
-        cleaned = clean_sources(cfg, sources, workers, bar)
+        keys: dict[str, list[bytes]] = {}
+        cleaned = clean_sources(cfg, sources, workers, bar, keys=keys)
         tok = get_tokenizer(cfg, cleaned, root, cleaning_fingerprint(cfg, sources))
         bos_id, eos_id = document_specials(cfg.tokenizer, tok)
         vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -267,7 +279,7 @@ def prepare(cfg: DataConfig, *, force: bool = False, progress: bool = True, work
         entries = {}
         for src in sources:
             docs, report = cleaned[src.name]
-            train, val = split_docs(docs, cfg.val_fraction)
+            train, val = split_docs(docs, cfg.val_fraction, keys[src.name])
             source_dir = root / src.name
             if source_dir.exists() and not source_dir.is_dir():
                 raise UserError(f"data source {src.name!r}: {source_dir} exists and is not a folder")

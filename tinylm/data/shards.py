@@ -14,6 +14,7 @@ Every document starts with the BOS token, so any document offset is a valid star
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -85,6 +86,17 @@ class ShardWriter:
             raise ValueError(f"token id {int(arr.max())} does not fit {self.dtype}")
         self._file.write(arr.astype(self.dtype, copy=False).tobytes())
         self._offsets.append(self._offsets[-1] + arr.size)
+
+    def add_many(self, docs) -> None:
+        """`add` for each document (a sequence of token ids), as one conversion and one write: per-document
+        arrays and writes were a visible share of prepare's time for short documents."""
+        lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+        total = int(lengths.sum())
+        arr = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int64, count=total)
+        if arr.size and int(arr.max()) > np.iinfo(self.dtype).max:
+            raise ValueError(f"token id {int(arr.max())} does not fit {self.dtype}")
+        self._file.write(arr.astype(self.dtype, copy=False).tobytes())
+        self._offsets.extend((self._offsets[-1] + np.cumsum(lengths)).tolist())
 
     def close(self) -> tuple[int, int]:
         """Finish both files; returns (documents, tokens)."""

@@ -71,6 +71,7 @@ def quality_failure(text: str, cfg: CleanConfig) -> str | None:
 
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
+_OWNER_MIX = np.uint64(0xD6E8FEB86659FD93)
 
 
 def word_ids(words: list[str], cache: dict[str, int]) -> np.ndarray:
@@ -193,7 +194,12 @@ def _repeated_starts(ids: np.ndarray, owner: np.ndarray, starts: np.ndarray, n: 
     depends on the hash.
     """
     with np.errstate(over="ignore"):
-        keyed = ngram_hashes(ids.astype(np.uint64), n)[starts] + owner[starts].astype(np.uint64) * _MIX
+        # The owner is mixed in non-linearly: adding owner * constant to a hash that is itself a multiple of
+        # that constant let the same n-gram collide across neighbouring documents, forcing the slow exact path.
+        keyed = ngram_hashes(ids.astype(np.uint64), n)[starts] ^ (owner[starts].astype(np.uint64) * _OWNER_MIX)
+        keyed ^= keyed >> np.uint64(31)
+        keyed *= _MIX
+        keyed ^= keyed >> np.uint64(29)
     order = np.argsort(keyed, kind="stable")
     ranked = keyed[order]
     same = ranked[1:] == ranked[:-1]

@@ -112,12 +112,14 @@ def _pool_context():
 
 
 def clean_sources(cfg: DataConfig, sources: list[SourceConfig], workers: int | None = None,
-                  progress=None, keys: dict[str, list[bytes]] | None = None) -> dict[str, tuple[list[str], dict]]:
+                  progress=None, keys: dict[str, list[bytes]] | None = None,
+                  on_source=None) -> dict[str, tuple[list[str], dict]]:
     """Read and clean every source; a `UserError` if any is left with no documents.
 
     Documents are read here, scanned (normalization, length and quality rules, MinHash signatures) in chunks on
     every core, and deduplicated here in input order while the workers scan the chunks that follow. When `keys`
     is a dict, it receives each source's `dedup_key`s of the kept documents, computed while scanning.
+    `on_source(name, kept, report)` is called as each source is done, while the workers go on with the next.
     """
     workers = workers or cfg.workers or cpu_count()
     read = {src.name: documents(src) for src in sources}
@@ -141,6 +143,8 @@ def clean_sources(cfg: DataConfig, sources: list[SourceConfig], workers: int | N
             kept_keys = keys.setdefault(src.name, []) if keys is not None else None
             results[src.name] = resolve_scans(scans_of_next(owners, src.name, scans, progress, task), cfg.clean,
                                               keys=kept_keys)
+            if on_source is not None and results[src.name][0]:
+                on_source(src.name, *results[src.name])
     finally:
         if pool is not None:
             pool.terminate()
@@ -183,25 +187,40 @@ def tokenizer_sample(cleaned: dict[str, tuple[list[str], dict]], budget_chars: i
     return sample
 
 
-def get_tokenizer(cfg: DataConfig, cleaned, root: Path, fingerprint: str):
-    """The recipe's tokenizer.json, a trained one reused from `root` if trained on the same input, or a new one."""
+def known_tokenizer(cfg: DataConfig, root: Path, fingerprint: str):
+    """The recipe's tokenizer.json, or one trained earlier in `root` on the same input; None if one must be trained.
+
+    Known before cleaning, so that documents can be tokenized while later sources are still being cleaned.
+    """
     target = root / "tokenizer.json"
-    meta_path = root / TOKENIZER_META
     if cfg.tokenizer.path:
         tok = load_tokenizer(cfg.tokenizer.path)
         if Path(cfg.tokenizer.path).resolve() != target.resolve():
             atomic_write_bytes(target, Path(cfg.tokenizer.path).read_bytes())
         return tok
-    key = _digest([fingerprint, asdict(cfg.tokenizer)])
     try:
-        if json.loads(meta_path.read_text()).get("key") == key and target.is_file():
+        meta = json.loads((root / TOKENIZER_META).read_text())
+        if meta.get("key") == _tokenizer_key(cfg, fingerprint) and target.is_file():
             return load_tokenizer(target)
     except (OSError, json.JSONDecodeError):
         pass
+    return None
+
+
+def _tokenizer_key(cfg: DataConfig, fingerprint: str) -> str:
+    return _digest([fingerprint, asdict(cfg.tokenizer)])
+
+
+def get_tokenizer(cfg: DataConfig, cleaned, root: Path, fingerprint: str):
+    """The recipe's tokenizer.json, a trained one reused from `root` if trained on the same input, or a new one."""
+    tok = known_tokenizer(cfg, root, fingerprint)
+    if tok is not None:
+        return tok
     sample = tokenizer_sample(cleaned, cfg.tokenizer.sample_chars, cfg.tokenizer.seed)
     tok = train_tokenizer(sample, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
-    save_tokenizer(tok, target)
-    atomic_write_json(meta_path, {"key": key, "sample_docs": len(sample), "sample_chars": sum(map(len, sample))})
+    save_tokenizer(tok, root / "tokenizer.json")
+    atomic_write_json(root / TOKENIZER_META, {"key": _tokenizer_key(cfg, fingerprint), "sample_docs": len(sample),
+                                              "sample_chars": sum(map(len, sample))})
     return tok
 
 
@@ -237,6 +256,29 @@ def _write_split(tok, docs: list[str], source_dir: Path, split: str, dtype, bos_
     return {"docs": n_docs, "tokens": n_tokens, "bytes": n_bytes}
 
 
+class _SourceWriter:
+    """Splits one cleaned source by document and writes its train and validation shards."""
+
+    def __init__(self, cfg: DataConfig, root: Path, tok, keys: dict[str, list[bytes]], bar):
+        self.cfg, self.root, self.tok, self.keys, self.bar = cfg, root, tok, keys, bar
+        self.bos_id, self.eos_id = document_specials(cfg.tokenizer, tok)
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.dtype = token_dtype(self.vocab_size)
+        self.task = bar.add_task("tokenizing", total=None)
+
+    def write(self, name: str, docs: list[str], report: dict) -> dict:
+        train, val = split_docs(docs, self.cfg.val_fraction, self.keys[name])
+        source_dir = self.root / name
+        if source_dir.exists() and not source_dir.is_dir():
+            raise UserError(f"data source {name!r}: {source_dir} exists and is not a folder")
+        entry = {split: _write_split(self.tok, part, source_dir, split, self.dtype, self.bos_id, self.bar, self.task)
+                 for split, part in (("train", train), ("val", val))}
+        text_tokens = sum(entry[s]["tokens"] - entry[s]["docs"] for s in ("train", "val"))
+        entry["bytes_per_token"] = round(sum(entry[s]["bytes"] for s in ("train", "val")) / max(1, text_tokens), 4)
+        entry["cleaning"] = report
+        return entry
+
+
 def content_fingerprint(root: Path, names: list[str]) -> str:
     h = hashlib.blake2b(digest_size=16)
     for path in [root / "tokenizer.json"] + [root / n / f"{s}.{e}" for n in sorted(names)
@@ -269,27 +311,23 @@ def prepare(cfg: DataConfig, *, force: bool = False, progress: bool = True, work
     started = time.perf_counter()
     with _progress(progress and sys.stderr.isatty()) as bar:
         keys: dict[str, list[bytes]] = {}
-        cleaned = clean_sources(cfg, sources, workers, bar, keys=keys)
-        tok = get_tokenizer(cfg, cleaned, root, cleaning_fingerprint(cfg, sources))
-        bos_id, eos_id = document_specials(cfg.tokenizer, tok)
-        vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        dtype = token_dtype(vocab_size)
-        total_docs = sum(len(docs) for docs, _ in cleaned.values())
-        task = bar.add_task("tokenizing", total=total_docs)
-        entries = {}
-        for src in sources:
-            docs, report = cleaned[src.name]
-            train, val = split_docs(docs, cfg.val_fraction, keys[src.name])
-            source_dir = root / src.name
-            if source_dir.exists() and not source_dir.is_dir():
-                raise UserError(f"data source {src.name!r}: {source_dir} exists and is not a folder")
-            entry = {split: _write_split(tok, part, source_dir, split, dtype, bos_id, bar, task)
-                     for split, part in (("train", train), ("val", val))}
-            text_tokens = sum(entry[s]["tokens"] - entry[s]["docs"] for s in ("train", "val"))
-            entry["bytes_per_token"] = round(sum(entry[s]["bytes"] for s in ("train", "val")) / max(1, text_tokens), 4)
-            entry["cleaning"] = report
-            entry["type"] = src.type
-            entries[src.name] = entry
+        entries: dict[str, dict] = {}
+        clean_key = cleaning_fingerprint(cfg, sources)
+        tok = known_tokenizer(cfg, root, clean_key)
+        writer = _SourceWriter(cfg, root, tok, keys, bar) if tok is not None else None
+
+        def write_now(name, docs, report):
+            entries[name] = writer.write(name, docs, report)
+
+        # With the tokenizer known up front, each source is tokenized while the next is still being cleaned.
+        cleaned = clean_sources(cfg, sources, workers, bar, keys=keys, on_source=write_now if writer else None)
+        if writer is None:
+            tok = get_tokenizer(cfg, cleaned, root, clean_key)
+            writer = _SourceWriter(cfg, root, tok, keys, bar)
+            for src in sources:
+                entries[src.name] = writer.write(src.name, *cleaned[src.name])
+        entries = {src.name: dict(entries[src.name], type=src.type) for src in sources}
+        bos_id, eos_id, vocab_size, dtype = writer.bos_id, writer.eos_id, writer.vocab_size, writer.dtype
     np.save(root / ".token_bytes.tmp.npy", token_bytes(tok))
     (root / ".token_bytes.tmp.npy").replace(root / "token_bytes.npy")
     pad_id = tok.token_to_id(PAD)

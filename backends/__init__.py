@@ -39,15 +39,18 @@ def pick(name: str = "auto") -> tuple[str, str]:
     raise UserError("no backend installed: pip install 'tinylm[torch]' or 'tinylm[mlx]'")
 
 
-def get_backend(name: str = "auto", dtype: str = "float32", compile: bool = False):
-    """An initialized backend object (see backends/torch and backends/mlx for the interface)."""
+def get_backend(name: str = "auto", dtype: str = "float32", compile: bool | None = None):
+    """An initialized backend object (see backends/torch and backends/mlx for the interface).
+
+    `compile=None` leaves it to the backend: MLX compiles, PyTorch runs eagerly.
+    """
     resolved, _ = pick(name)
     if not _has(resolved):
         raise UserError(f"backend {resolved!r} is not installed: pip install 'tinylm[{resolved}]'")
     if resolved == "mlx":
         from tinylm.backends.mlx import MLXBackend
 
-        return MLXBackend(dtype=dtype, compile=compile)
+        return MLXBackend(dtype=dtype, compile=True if compile is None else compile)
     from tinylm.backends.torch import TorchBackend
 
-    return TorchBackend(dtype=dtype, compile=compile)
+    return TorchBackend(dtype=dtype, compile=bool(compile))

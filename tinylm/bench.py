@@ -64,7 +64,7 @@ def run(backends=("torch", "mlx"), out: str | Path = "runs/bench.json", echo=pri
 
     report = {"train": []}
     for name in backends:
-        backend = get_backend(name, "float32", compile=(name == "mlx"))
+        backend = get_backend(name, "float32")
         peak = peak_flops(backend.device_name, "float32")
         source = "data sheet"
         if peak is None:

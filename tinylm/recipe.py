@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from tinylm import config
 from tinylm.data.config import DataConfig
@@ -30,8 +31,9 @@ class TrainConfig:
     """Seeds initialization and data sampling: the same seed gives the same run."""
     dtype: str = "float32"
     """Compute dtype: float32, or bfloat16 (parameters and optimizer state stay float32)."""
-    compile: bool = False
-    """Compile the step (mx.compile on MLX, torch.compile on PyTorch); worth it for long runs."""
+    compile: Optional[bool] = None
+    """Compile the step: mx.compile on MLX, torch.compile on PyTorch (worth it for long GPU runs). Unset: the
+    backend's choice, which is on for MLX (compiling costs it almost nothing) and off for PyTorch."""
     log_every: int = 10
     """Steps between metric rows."""
     eval_every: int = 100

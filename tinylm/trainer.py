@@ -100,7 +100,8 @@ class Trainer:
             self.step = ckpt.step
             self.reporter.say(f"resuming from {ckpt.path} at step {self.step}")
         else:
-            if not resume and (existing or (self.out / "metrics.jsonl").exists()):
+            # Rank 0 alone writes the run directory, so it alone judges whether one is already there.
+            if self.rank == 0 and not resume and (existing or (self.out / "metrics.jsonl").exists()):
                 raise UserError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
             self.params = self.backend.from_numpy(self._initial_weights())
             self.state = self.module.init_state(self.params)

@@ -75,14 +75,14 @@ def test_batched_scan_matches_the_per_document_rules_and_datasketch():
     import numpy as np
     from datasketch import MinHash
 
-    from tinylm.data.clean import dedup_key, scan_documents, shingle_hashes
+    from tinylm.data.clean import _banding, dedup_key, scan_documents, shingle_hashes
 
     rng = random.Random(3)
     vocab = "the a mill river Straße grain ... #tag wheel old CAFÉ bees light, went grey!".split() + ["\u2026"]
     docs = [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 60))) for _ in range(300)]
     docs += ["buy cheap shoes now " * 6, "one two", "", "x y x y x y x y x y x y x y x y x y x y"]
     cfg = CleanConfig(repeated_ngram_n=3)
-    for (text, _, rule, key, sig), raw in zip(scan_documents(docs, cfg, quality=True), docs):
+    for (text, _, rule, key, sig, bands), raw in zip(scan_documents(docs, cfg, quality=True), docs):
         stripped = text.strip()
         if rule in ("empty", "too_short"):
             continue
@@ -92,6 +92,9 @@ def test_batched_scan_matches_the_per_document_rules_and_datasketch():
             ref = MinHash(num_perm=cfg.near_dedup_num_perm, seed=1, hashfunc=int)
             ref.update_batch(shingle_hashes(stripped, cfg.near_dedup_shingle, {}).tolist())
             assert np.array_equal(sig, ref.hashvalues)
+            assert len(bands) == _banding(cfg.near_dedup_threshold, cfg.near_dedup_num_perm)[0]
+        else:
+            assert sig is None and bands is None
 
 
 def test_repeated_ngram_shares_survive_hash_collisions(monkeypatch):
@@ -120,3 +123,22 @@ def test_resolve_scans_keys_are_dedup_keys_of_kept_documents():
     kept, _ = resolve_scans(scan_documents(docs, cfg, quality=False), cfg, keys=keys)
     assert keys == [dedup_key(d) for d in kept]
     assert kept == clean_documents(docs, cfg, quality=False)[0]
+
+
+def test_near_dedup_never_depends_on_band_hashes(monkeypatch):
+    """Every band hash colliding must not make documents that share no band candidates of each other."""
+    import numpy as np
+
+    from tinylm.data import clean
+    from tinylm.data.clean import resolve_scans, scan_documents
+
+    cfg = CleanConfig(min_chars=0, min_words=0)
+    base = " ".join(f"w{i}" for i in range(60))
+    docs = [base, base + " extra words here", " ".join(f"v{i}" for i in range(60)), base.replace("w30", "x")]
+    expected = resolve_scans(scan_documents(docs, cfg, quality=False), cfg)
+    monkeypatch.setattr(clean, "band_hashes", lambda sigs, n_bands, rows: np.zeros((len(sigs), n_bands), np.uint64))
+    assert resolve_scans(scan_documents(docs, cfg, quality=False), cfg) == expected
+    # With every band in one bucket, only the exact band check keeps unrelated documents apart.
+    sigs = [s[4] for s in scan_documents(docs, cfg, quality=False)]
+    n_bands, rows = clean._banding(cfg.near_dedup_threshold, cfg.near_dedup_num_perm)
+    assert not clean._shares_band(sigs[0], sigs[2], n_bands * rows, rows)

@@ -259,7 +259,7 @@ def scan_documents(docs: list[str], cfg: CleanConfig, quality: bool, seed: int =
     """The per-document half of cleaning, independent across documents (so it runs in worker processes).
 
     One tuple per document: (NFC text, whether NFC changed it, the rule that removes it or None, its exact-dedup
-    key, its MinHash signature or None). The order-dependent half, deduplication, is `resolve_scans`.
+    key, its MinHash signature or None, its LSH band hashes (`band_hashes`) or None). The order-dependent half, deduplication, is `resolve_scans`.
 
     The rules are those of `quality_failure`, `dedup_key` and `shingle_hashes`, evaluated for the whole batch
     with numpy where a per-document Python loop was most of the cost of `prepare`.
@@ -273,7 +273,7 @@ def scan_documents(docs: list[str], cfg: CleanConfig, quality: bool, seed: int =
         # ASCII text is already NFC; skipping the call matters because most documents are ASCII.
         text = raw if raw.isascii() else normalize(raw)
         stripped = text.strip()
-        row = [text, text != raw, None, None, None]
+        row = [text, text != raw, None, None, None, None]
         rows.append(row)
         if not stripped:
             row[2] = "empty"
@@ -314,9 +314,28 @@ def scan_documents(docs: list[str], cfg: CleanConfig, quality: bool, seed: int =
         if todo:
             hashes, starts = _shingle_batch([folded[k] for k in todo], cfg.near_dedup_shingle)
             sigs = _minhasher(cfg.near_dedup_num_perm, seed).signatures(hashes, starts)
-            for k, sig in zip(todo, sigs):
+            n_bands, band_rows = _banding(cfg.near_dedup_threshold, cfg.near_dedup_num_perm)
+            for k, sig, band in zip(todo, sigs, band_hashes(sigs, n_bands, band_rows).tolist()):
                 pending[k][4] = sig
+                pending[k][5] = band
     return [tuple(r) for r in rows]
+
+
+def band_hashes(sigs: np.ndarray, n_bands: int, rows: int) -> np.ndarray:
+    """One 64-bit hash per LSH band of each signature row (documents x bands), computed for the whole batch.
+
+    The parent looks buckets up by these integers instead of building each band's bytes per document; equal
+    bands always get equal hashes, and `resolve_scans` confirms a band really matches, so a collision can only
+    cost a comparison, never change the result.
+    """
+    bands = sigs[:, : n_bands * rows].reshape(len(sigs), n_bands, rows).astype(np.uint64)
+    combined = np.zeros((len(sigs), n_bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(rows):
+            combined = combined * _MIX + bands[:, :, j]
+        combined ^= combined >> np.uint64(29)
+        combined *= _MIX
+    return combined
 
 
 def _ellipsis_share(text: str) -> float:
@@ -355,6 +374,8 @@ def _banding(threshold: float, num_perm: int) -> tuple[int, int]:
     """datasketch's (bands, rows) for the threshold, remembered: choosing them numerically integrates over every
     candidate banding, which cost more than deduplicating a small source, and it is redone for every source."""
     if (threshold, num_perm) not in _BANDINGS:
+        if not 0 < threshold < 1:
+            raise UserError(f"data.clean.near_dedup_threshold must be between 0 and 1, got {threshold}")
         _, _, MinHashLSH = _minhash_classes()
         lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         _BANDINGS[threshold, num_perm] = (lsh.b, lsh.r)
@@ -378,10 +399,10 @@ def resolve_scans(scans, cfg: CleanConfig, seed: int = 1, keys: list | None = No
         # datasketch chooses the banding (bands x rows) for the threshold; the buckets are kept here as plain
         # dicts keyed by each band's bytes, which finds the same candidates without a Python object per document.
         n_bands, rows = _banding(cfg.near_dedup_threshold, cfg.near_dedup_num_perm)
-        bands = [(i * rows, (i + 1) * rows) for i in range(n_bands)]
-        buckets: list[dict[bytes, list[int]]] = [{} for _ in bands]
+        width = n_bands * rows
+        buckets: list[dict[int, list[int]]] = [{} for _ in range(n_bands)]
     signatures: dict[int, np.ndarray] = {}
-    for text, changed, rule, key, signature in scans:
+    for text, changed, rule, key, signature, band_keys in scans:
         counts["input"] += 1
         counts["nfc_changed"] += changed
         if rule in ("empty", "too_short"):
@@ -396,22 +417,35 @@ def resolve_scans(scans, cfg: CleanConfig, seed: int = 1, keys: list | None = No
             removed[rule] += 1
             continue
         if near:
-            band_keys = [signature[lo:hi].tobytes() for lo, hi in bands]
-            candidates = {k for bucket, band in zip(buckets, band_keys) for k in bucket.get(band, ())}
+            candidates = set()
+            for bucket, band in zip(buckets, band_keys):
+                found = bucket.get(band)
+                if found:
+                    candidates.update(found)
             # LSH only proposes candidates; confirm with the estimated Jaccard (datasketch's: the share of equal
-            # signature entries) so the threshold means what it says.
+            # signature entries) so the threshold means what it says. Buckets are keyed by band hashes, so a
+            # candidate also needs one band that is really equal: exactly datasketch's candidates, whatever the hash.
             if any(np.count_nonzero(signature == signatures[k]) / len(signature) >= cfg.near_dedup_threshold
-                   for k in candidates):
+                   and _shares_band(signature, signatures[k], width, rows) for k in candidates):
                 removed["near_duplicate"] += 1
                 continue
             signatures[len(kept)] = signature
             for bucket, band in zip(buckets, band_keys):
-                bucket.setdefault(band, []).append(len(kept))
+                found = bucket.get(band)
+                if found is None:
+                    bucket[band] = [len(kept)]
+                else:
+                    found.append(len(kept))
         kept.append(text)
         if keys is not None:
             keys.append(key)
     return kept, {"input": counts["input"], "kept": len(kept), "nfc_changed": counts["nfc_changed"],
                   "removed": removed}
+
+
+def _shares_band(a: np.ndarray, b: np.ndarray, width: int, rows: int) -> bool:
+    """Whether two signatures agree on every row of at least one band."""
+    return bool((a[:width] == b[:width]).reshape(-1, rows).all(axis=1).any())
 
 
 def clean_documents(docs: list[str], cfg: CleanConfig, quality: bool) -> tuple[list[str], dict]:

@@ -228,14 +228,29 @@ def repeated_ngram_shares(folded: list[list[str]], lengths: list[list[int]], n: 
     N-grams are compared exactly: words get dense ids, and each n-gram's id is built one word at a time by
     renumbering (id, next word) pairs, so no hash collision can merge two different n-grams.
     """
-    shares = [0.0] * len(folded)
-    docs = [i for i, words in enumerate(folded) if n > 0 and len(words) >= n]
-    if not docs:
-        return shares
+    ids, _ = _dense_ids(folded)
+    sizes = np.fromiter(map(len, folded), dtype=np.int64, count=len(folded))
+    chars = np.fromiter(chain.from_iterable(lengths), dtype=np.int64)
+    return _repeated_shares(ids, sizes, chars, n)
+
+
+def _dense_ids(folded: list[list[str]]) -> tuple[np.ndarray, list[str]]:
+    """Every word's dense id (end to end) and the distinct words in id order."""
     vocab: defaultdict[str, int] = defaultdict()
     vocab.default_factory = vocab.__len__  # a new word gets the next id
-    ids = np.fromiter(map(vocab.__getitem__, chain.from_iterable(folded[i] for i in docs)), dtype=np.int64)
-    sizes = np.array([len(folded[i]) for i in docs], dtype=np.int64)
+    ids = np.fromiter(map(vocab.__getitem__, chain.from_iterable(folded)), dtype=np.int64)
+    return ids, list(vocab)
+
+
+def _repeated_shares(ids: np.ndarray, sizes: np.ndarray, chars: np.ndarray, n: int) -> list[float]:
+    """`repeated_ngram_shares` from dense word ids, words per document and each word's original length."""
+    shares = [0.0] * len(sizes)
+    docs = np.flatnonzero(sizes >= n) if n > 0 else np.zeros(0, dtype=np.int64)
+    if not len(docs):
+        return shares
+    if len(docs) < len(sizes):
+        chosen = np.repeat(sizes >= n, sizes)
+        ids, chars, sizes = ids[chosen], chars[chosen], sizes[docs]
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     owner = np.repeat(np.arange(len(docs)), sizes)
     count = len(ids) - n + 1
@@ -246,12 +261,10 @@ def repeated_ngram_shares(folded: list[list[str]], lengths: list[list[int]], n: 
     np.add.at(edges, repeated, 1)
     np.add.at(edges, repeated + n, -1)
     covered = np.cumsum(edges[:-1]) > 0
-    chars = np.array([x for i in docs for x in lengths[i]], dtype=np.int64)
-    covered_chars = np.add.reduceat(np.where(covered, chars, 0), offsets[:-1])
-    total_chars = np.add.reduceat(chars, offsets[:-1])
-    for k, i in enumerate(docs):
-        total = int(total_chars[k])
-        shares[i] = int(covered_chars[k]) / total if total else 0.0
+    covered_chars = np.add.reduceat(np.where(covered, chars, 0), offsets[:-1]).tolist()
+    total_chars = np.add.reduceat(chars, offsets[:-1]).tolist()
+    for i, covered_k, total in zip(docs.tolist(), covered_chars, total_chars):
+        shares[i] = covered_k / total if total else 0.0
     return shares
 
 
@@ -302,17 +315,26 @@ def scan_documents(docs: list[str], cfg: CleanConfig, quality: bool, seed: int =
         else:
             lengths.append([])
     pending = [r for r in rows if r[3] is not None]
+    if not pending or not (quality or cfg.near_dedup):
+        return [tuple(r) for r in rows]
+    # One dense id per distinct case-folded word serves both the repeated n-gram rule and the shingles, so the
+    # words are looked up once, not once per step.
+    ids, vocab = _dense_ids(folded)
+    sizes = np.fromiter(map(len, folded), dtype=np.int64, count=len(folded))
     if quality:
-        # Only documents no earlier rule removed are checked; the others' shares are computed but unused.
+        # Only documents no earlier rule removed are checked.
         todo = [k for k, r in enumerate(pending) if r[2] is None]
-        shares = repeated_ngram_shares([folded[k] for k in todo], [lengths[k] for k in todo], cfg.repeated_ngram_n)
+        chosen = _subset(sizes, todo)
+        chars = np.fromiter(chain.from_iterable(lengths[k] for k in todo), dtype=np.int64)
+        shares = _repeated_shares(ids[chosen], sizes[todo], chars, cfg.repeated_ngram_n)
         for k, share in zip(todo, shares):
             if share > cfg.max_repeated_ngram_share:
                 pending[k][2] = "repeated_ngrams"
     if cfg.near_dedup:
         todo = [k for k, r in enumerate(pending) if r[2] is None]
         if todo:
-            hashes, starts = _shingle_batch([folded[k] for k in todo], cfg.near_dedup_shingle)
+            table = word_ids(vocab, {})
+            hashes, starts = _shingles(table[ids[_subset(sizes, todo)]], sizes[todo], cfg.near_dedup_shingle)
             sigs = _minhasher(cfg.near_dedup_num_perm, seed).signatures(hashes, starts)
             n_bands, band_rows = _banding(cfg.near_dedup_threshold, cfg.near_dedup_num_perm)
             for k, sig, band in zip(todo, sigs, band_hashes(sigs, n_bands, band_rows).tolist()):
@@ -343,19 +365,33 @@ def _ellipsis_share(text: str) -> float:
     return sum(ln.endswith(("...", "\u2026")) for ln in lines) / len(lines)
 
 
+def _subset(sizes: np.ndarray, docs: list[int]) -> np.ndarray:
+    """Mask over end-to-end words selecting those of `docs` (ascending document indices)."""
+    keep = np.zeros(len(sizes), dtype=bool)
+    keep[docs] = True
+    return np.repeat(keep, sizes)
+
+
 def _shingle_batch(folded: list[list[str]], n: int) -> tuple[np.ndarray, np.ndarray]:
     """Every document's shingle hashes (as `shingle_hashes`, repeats kept: they cannot change a minimum) end to
     end, and where each document's start."""
-    cache: dict[str, int] = {}
-    sizes = np.array([len(w) for w in folded], dtype=np.int64)
-    ids = word_ids([w for words in folded for w in words], cache)
+    sizes = np.fromiter(map(len, folded), dtype=np.int64, count=len(folded))
+    return _shingles(word_ids([w for words in folded for w in words], {}), sizes, n)
+
+
+def _shingles(ids: np.ndarray, sizes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """`_shingle_batch` from word hashes end to end and words per document."""
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     hashes = ngram_hashes(ids, n) if len(ids) >= n else np.zeros(0, dtype=np.uint64)
-    owner = np.repeat(np.arange(len(folded)), sizes)[: len(hashes)]
+    owner = np.repeat(np.arange(len(sizes)), sizes)[: len(hashes)]
     keep = np.arange(len(hashes)) + n <= offsets[owner + 1]
-    parts, starts, at = [], [], 0
     full = (hashes[keep] >> np.uint64(32)).astype(np.uint32)
     per_doc = np.maximum(sizes - n + 1, 0)
+    short = np.flatnonzero(sizes < n)
+    if not len(short):
+        # Every document has whole shingles, which already lie end to end in document order.
+        return full, np.concatenate([[0], np.cumsum(per_doc)[:-1]]).astype(np.int64)
+    parts, starts, at = [], [], 0
     cut = np.concatenate([[0], np.cumsum(per_doc)])
     for i, size in enumerate(sizes):
         # A document shorter than a shingle is one shingle of all its words, as in `shingle_hashes`.

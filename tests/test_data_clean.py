@@ -142,3 +142,15 @@ def test_near_dedup_never_depends_on_band_hashes(monkeypatch):
     sigs = [s[4] for s in scan_documents(docs, cfg, quality=False)]
     n_bands, rows = clean._banding(cfg.near_dedup_threshold, cfg.near_dedup_num_perm)
     assert not clean._shares_band(sigs[0], sigs[2], n_bands * rows, rows)
+
+
+def test_symbol_count_matches_the_symbol_regex():
+    import random
+
+    from tinylm.data.clean import _SYMBOL, _symbol_count
+
+    rng = random.Random(5)
+    pieces = ["#", "##", ".", "..", "...", "....", "\u2026", "a", " ", "#.", ".#", "\n"]
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        assert _symbol_count(text) == len(_SYMBOL.findall(text))

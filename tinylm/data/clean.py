@@ -133,14 +133,6 @@ def _minhash_classes():
     return MinHash, LeanMinHash, MinHashLSH
 
 
-class _StrippedLength(dict):
-    """Length of each word without surrounding punctuation, computed once per distinct word."""
-
-    def __missing__(self, word: str) -> int:
-        n = self[word] = len(word.strip(_PUNCTUATION))
-        return n
-
-
 def _fmix32(h: np.ndarray) -> np.ndarray:
     # MurmurHash3's 32-bit finalizer: datasketch's default "affine32" scheme pre-mixes every input with it.
     h = h ^ (h >> np.uint32(16))
@@ -283,10 +275,8 @@ def scan_documents(docs: list[str], cfg: CleanConfig, quality: bool, seed: int =
     with numpy where a per-document Python loop was most of the cost of `prepare`.
     """
     rows: list[list] = []
-    folded: list[list[str]] = []
-    lengths: list[list[int]] = []
+    split: list[list[str]] = []
     texts: list[str] = []
-    stripped_len = _StrippedLength()
     for raw in docs:
         # ASCII text is already NFC; skipping the call matters because most documents are ASCII.
         text = raw if raw.isascii() else normalize(raw)
@@ -300,37 +290,40 @@ def scan_documents(docs: list[str], cfg: CleanConfig, quality: bool, seed: int =
         if len(stripped) < cfg.min_chars or len(words) < cfg.min_words:
             row[2] = "too_short"
             continue
-        # Case folding never creates or removes whitespace, so folding the words one by one or the text at
-        # once gives the same words, and joining them is `dedup_key`'s whitespace collapse.
-        fwords = stripped.casefold().split()
-        row[3] = hashlib.blake2b(" ".join(fwords).encode(), digest_size=16).digest()
-        folded.append(fwords)
+        # Case folding never creates or removes whitespace, and it maps each character on its own, so folding
+        # the joined words is `dedup_key`'s collapse of the folded text, and folding word by word (below, once
+        # per distinct word) gives the words of the folded text.
+        row[3] = hashlib.blake2b(" ".join(words).casefold().encode(), digest_size=16).digest()
+        split.append(words)
         texts.append(stripped)
-        if quality:
-            lens = list(map(stripped_len.__getitem__, words))
-            bare = len(lens) - lens.count(0)
-            mean_len = sum(lens) / bare if bare else 0.0
-            if not cfg.min_mean_word_length <= mean_len <= cfg.max_mean_word_length:
-                row[2] = "mean_word_length"
-            elif _symbol_count(stripped) / len(words) > cfg.max_symbol_word_ratio:
-                row[2] = "symbol_word_ratio"
-            elif ("..." in stripped or "\u2026" in stripped) and _ellipsis_share(stripped) > cfg.max_ellipsis_line_share:
-                row[2] = "ellipsis_lines"
-            lengths.append(list(map(len, words)))
-        else:
-            lengths.append([])
     pending = [r for r in rows if r[3] is not None]
     if not pending or not (quality or cfg.near_dedup):
         return [tuple(r) for r in rows]
-    # One dense id per distinct case-folded word serves both the repeated n-gram rule and the shingles, so the
-    # words are looked up once, not once per step.
-    ids, vocab = _dense_ids(folded)
-    sizes = np.fromiter(map(len, folded), dtype=np.int64, count=len(folded))
+    # One dense id per distinct word serves every rule below, so each word is looked up once; per-word
+    # properties (folded form, lengths, hash) are computed once per distinct word and gathered with numpy.
+    raw_ids, raw_vocab = _dense_ids(split)
+    sizes = np.fromiter(map(len, split), dtype=np.int64, count=len(split))
+    folded_ids, vocab = _dense_ids([[w.casefold() for w in raw_vocab]])
+    ids = folded_ids[raw_ids]
+    if quality:
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        bare_len = np.fromiter((len(w.strip(_PUNCTUATION)) for w in raw_vocab), dtype=np.int64,
+                               count=len(raw_vocab))[raw_ids]
+        letters = np.add.reduceat(bare_len, offsets).tolist()
+        bare = np.add.reduceat((bare_len > 0).astype(np.int64), offsets).tolist()
+        for row, stripped, n_words, total, n_bare in zip(pending, texts, sizes.tolist(), letters, bare):
+            mean_len = total / n_bare if n_bare else 0.0
+            if not cfg.min_mean_word_length <= mean_len <= cfg.max_mean_word_length:
+                row[2] = "mean_word_length"
+            elif _symbol_count(stripped) / n_words > cfg.max_symbol_word_ratio:
+                row[2] = "symbol_word_ratio"
+            elif ("..." in stripped or "\u2026" in stripped) and _ellipsis_share(stripped) > cfg.max_ellipsis_line_share:
+                row[2] = "ellipsis_lines"
     if quality:
         # Only documents no earlier rule removed are checked.
         todo = [k for k, r in enumerate(pending) if r[2] is None]
         chosen = _subset(sizes, todo)
-        chars = np.fromiter(chain.from_iterable(lengths[k] for k in todo), dtype=np.int64)
+        chars = np.fromiter(map(len, raw_vocab), dtype=np.int64, count=len(raw_vocab))[raw_ids[chosen]]
         shares = _repeated_shares(ids[chosen], sizes[todo], chars, cfg.repeated_ngram_n)
         for k, share in zip(todo, shares):
             if share > cfg.max_repeated_ngram_share:

@@ -195,7 +195,9 @@ def _repeated_starts(ids: np.ndarray, owner: np.ndarray, starts: np.ndarray, n: 
         keyed ^= keyed >> np.uint64(31)
         keyed *= _MIX
         keyed ^= keyed >> np.uint64(29)
-    order = np.argsort(keyed, kind="stable")
+    # Any sort that puts equal keys side by side will do (every equal neighbour pair is checked), so the
+    # faster unstable one is used.
+    order = np.argsort(keyed, kind="quicksort")
     ranked = keyed[order]
     same = ranked[1:] == ranked[:-1]
     left, right = starts[order[:-1][same]], starts[order[1:][same]]
@@ -459,16 +461,20 @@ def resolve_scans(scans, cfg: CleanConfig, seed: int = 1, keys: list | None = No
             removed[rule] += 1
             continue
         if near:
-            candidates = set()
+            candidates = None  # most documents have none, so no set is made for them
             for bucket, band in zip(buckets, band_keys):
                 found = bucket.get(band)
                 if found:
-                    candidates.update(found)
+                    if candidates is None:
+                        candidates = set(found)
+                    else:
+                        candidates.update(found)
             # LSH only proposes candidates; confirm with the estimated Jaccard (datasketch's: the share of equal
             # signature entries) so the threshold means what it says. Buckets are keyed by band hashes, so a
             # candidate also needs one band that is really equal: exactly datasketch's candidates, whatever the hash.
-            if any(np.count_nonzero(signature == signatures[k]) / len(signature) >= cfg.near_dedup_threshold
-                   and _shares_band(signature, signatures[k], width, rows) for k in candidates):
+            if candidates and any(
+                    np.count_nonzero(signature == signatures[k]) / len(signature) >= cfg.near_dedup_threshold
+                    and _shares_band(signature, signatures[k], width, rows) for k in candidates):
                 removed["near_duplicate"] += 1
                 continue
             signatures[len(kept)] = signature

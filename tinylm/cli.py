@@ -28,7 +28,7 @@ SET_HELP = "Override a recipe value: section.key=value (repeatable)."
 def _shape_for(recipe: recipes.Recipe) -> model.ModelShape:
     # Training takes the vocabulary from the tokenizer when the recipe sets none; say the same here.
     vocab = None
-    if recipe.model.vocab_size is None and recipe.data.dir and (Path(recipe.data.dir) / MANIFEST).is_file():
+    if recipe.data.dir and (Path(recipe.data.dir) / MANIFEST).is_file():
         vocab = ShardSet(recipe.data.dir).vocab_size
     return model.resolve(recipe.model, vocab_size=vocab)
 
@@ -48,7 +48,7 @@ def info(
         "params": model.count_params(shape),
         "non_embedding_params": model.count_params(shape, embeddings=False),
         "flops_per_token": model.flops_per_token(shape, recipe.train.seq_len),
-        "tokens_per_step": recipe.train.batch_size * recipe.train.grad_accum * recipe.train.seq_len,
+        "tokens_per_step": recipe.train.rows_per_rank() * recipe.train.seq_len,
     }
     if as_json:
         print(json.dumps(report, indent=2))

@@ -220,9 +220,14 @@ def forward(ops, params, tokens, shape: ModelShape, cache=None, mask="causal"):
     return logits if cache is None else (logits, new_cache)
 
 
-def loss(ops, params, batch, shape: ModelShape, compute_dtype: str = "float32"):
-    """Mean next-token cross-entropy (nats) over a (batch, time + 1) token array."""
+def token_losses(ops, params, batch, shape: ModelShape, compute_dtype: str = "float32"):
+    """Next-token cross-entropy (nats) of every position of a (batch, time + 1) token array, computed in
+    `compute_dtype` (parameters are cast to it here, so they stay float32 outside)."""
     if compute_dtype != "float32":
         params = {k: ops.cast(v, compute_dtype) for k, v in params.items()}
-    logits = forward(ops, params, batch[:, :-1], shape)
-    return ops.cross_entropy(logits, batch[:, 1:]).mean()
+    return ops.cross_entropy(forward(ops, params, batch[:, :-1], shape), batch[:, 1:])
+
+
+def loss(ops, params, batch, shape: ModelShape, compute_dtype: str = "float32"):
+    """Mean next-token cross-entropy (nats) over a (batch, time + 1) token array."""
+    return token_losses(ops, params, batch, shape, compute_dtype).mean()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -57,6 +55,14 @@ class TrainConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
+    def rows_per_rank(self) -> int:
+        """Sequences each rank trains on per optimizer step."""
+        return self.batch_size * self.grad_accum
+
+    def total_tokens(self, world_size: int = 1) -> int:
+        """Tokens the whole run trains on: what mixtures and repetition caps are sized for."""
+        return self.steps * self.rows_per_rank() * world_size * self.seq_len
+
 
 @dataclass
 class EvalConfig:
@@ -89,7 +95,3 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not recipe.name:
         recipe.name = Path(path).stem
     return recipe
-
-
-def fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

@@ -25,21 +25,21 @@ class TrainModule:
 
         fused = backend.fused_adamw(optim_cfg)
 
+        def core_update(params, grads, state, lr, step):
+            return optim.update(ops, optim_cfg, params, grads, state, lr, step)
+
+        update = fused or core_update
+
         def apply(params, state, grads, lr, step):
             grads, norm = optim.clip_by_global_norm(ops, grads, optim_cfg.grad_clip)
-            params, state = optim.update(ops, optim_cfg, params, grads, state, lr, step)
+            params, state = update(params, grads, state, lr, step)
             return params, state, norm
 
-        def apply_fused(params, state, grads, lr, step):
-            grads, norm = optim.clip_by_global_norm(ops, grads, optim_cfg.grad_clip)
-            return (*fused(params, grads, state, lr, step), norm)
-
         def token_losses(params, batch):
-            cast = params if compute_dtype == "float32" else {k: ops.cast(v, compute_dtype) for k, v in params.items()}
-            return ops.cross_entropy(model.forward(ops, cast, batch[:, :-1], shape), batch[:, 1:])
+            return model.token_losses(ops, params, batch, shape, compute_dtype)
 
         self._grad = backend.grad_step(loss_fn)
-        self._apply = backend.pure_step(apply) if fused is None else apply_fused
+        self._apply = backend.pure_step(apply) if fused is None else apply  # a fused kernel runs as it is
         self._token_losses = backend.pure_step(token_losses)
 
     def init_state(self, params: dict) -> dict:

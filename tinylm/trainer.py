@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tinylm import checkpoint, data_setup, model
+from tinylm import checkpoint, model
 from tinylm.config import to_dict
+from tinylm.data.mixture import resolve_phases
+from tinylm.data.prepare import open_prepared
 from tinylm.data.sampler import MixtureSampler, validation_rows
 from tinylm.errors import UserError
 from tinylm.mfu import format_mfu, mfu, peak_flops
@@ -60,10 +62,12 @@ class Trainer:
         # Rank 0 prepares the data and the mixture; the other ranks wait, then read what it wrote.
         if self.rank:
             backend.barrier()
-        self.shards = data_setup.open_prepared(recipe.data, progress=self.reporter.enabled)
-        rows_per_rank = self.cfg.batch_size * self.cfg.grad_accum
-        total_tokens = self.cfg.steps * rows_per_rank * self.world * self.cfg.seq_len
-        phases = data_setup.phases(recipe.data, self.shards, total_tokens, progress=self.reporter.enabled)
+        if not recipe.data.dir:
+            raise UserError("data.dir is not set: name the prepared data directory in the recipe")
+        # Prepared on demand: a no-op when the data is up to date.
+        self.shards = open_prepared(recipe.data, progress=self.reporter.enabled)
+        phases = resolve_phases(recipe.data, self.shards, self.cfg.total_tokens(self.world),
+                                progress=self.reporter.enabled)
         if not self.rank:
             backend.barrier()
         self._init = checkpoint.load(self.cfg.init_from, with_optimizer=False) if self.cfg.init_from else None
@@ -71,12 +75,13 @@ class Trainer:
             # Continuing a checkpoint (an imported model, say): its shape is the model, whatever the preset says.
             self.shape = self._init.shape
         else:
-            self.shape = model.resolve(recipe.model, vocab_size=recipe.model.vocab_size or self.shards.vocab_size)
+            self.shape = model.resolve(recipe.model, vocab_size=self.shards.vocab_size)
         if self.shape.vocab_size < self.shards.vocab_size:
             raise UserError(f"model.vocab_size {self.shape.vocab_size} is smaller than the tokenizer's {self.shards.vocab_size}")
         if self.cfg.seq_len > self.shape.max_seq_len:
             raise UserError(f"train.seq_len {self.cfg.seq_len} exceeds the model's max_seq_len {self.shape.max_seq_len}")
-        self.sampler = MixtureSampler(self.shards, phases, self.cfg.seq_len, rows_per_rank * self.world, self.cfg.seed)
+        self.sampler = MixtureSampler(self.shards, phases, self.cfg.seq_len, self.cfg.rows_per_rank() * self.world,
+                                      self.cfg.seed)
         self.module = TrainModule(backend, self.shape, recipe.optim, self.cfg.dtype)
         self.flops_per_token = model.flops_per_token(self.shape, self.cfg.seq_len)
         self.peak = peak_flops(backend.device_name, self.cfg.dtype)
@@ -148,13 +153,13 @@ class Trainer:
             "model": self.shape.to_dict(),
             "config": to_dict(self.recipe),
             "data_fingerprint": self.shards.fingerprint,
-            "phase": self.sampler.phases[self.sampler.phase_index(self.step)].name,
+            "phase": self.sampler.phase(self.step).name,
         }
         checkpoint.save(self.out, self.step, self.backend.to_numpy(self.params), self.backend.to_numpy(self.state),
                         meta, tokenizer=self.shards.tokenizer_path, keep=self.cfg.keep_checkpoints)
 
     def fit(self) -> dict:
-        cfg, per_rank = self.cfg, self.cfg.batch_size * self.cfg.grad_accum
+        cfg, per_rank = self.cfg, self.cfg.rows_per_rank()
         last = {}
         step_time, step_tokens = 0.0, 0
         self.reporter.start(self.step, cfg.steps)
@@ -176,7 +181,7 @@ class Trainer:
                 util = mfu(tps, self.flops_per_token, self.peak)
                 last = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": gnorm,
                         "tokens": self.step * self.sampler.tokens_per_step, "tokens_per_s": tps, "mfu": util,
-                        "phase": self.sampler.phases[self.sampler.phase_index(self.step - 1)].name}
+                        "phase": self.sampler.phase(self.step - 1).name}
                 self._log(last)
                 self.reporter.say(f"step {self.step}: loss {loss:.4f} lr {lr:.2e} grad {gnorm:.3f} "
                                   f"{tps:,.0f} tok/s mfu {format_mfu(util)}")

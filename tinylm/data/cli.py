@@ -10,7 +10,6 @@ import typer
 
 from tinylm import recipe as recipes
 from tinylm.cli_base import make_app
-from tinylm.errors import UserError
 
 app = make_app(help="Prepare token shards and compute mixture weights.")
 tokenizer_app = make_app(help="Train or inspect the tokenizer.")
@@ -28,15 +27,6 @@ def load_recipe(path: str, overrides: list[str] | None):
     """The whole recipe (so `--set train.steps=...` works) and its data section."""
     recipe = recipes.load(path, overrides)
     return recipe, recipe.data
-
-
-def recipe_tokens(recipe) -> int | None:
-    """Training tokens of the run the recipe describes, if it says (steps x rows x sequence length)."""
-    train = getattr(recipe, "train", None)
-    try:
-        return int(train.steps * train.batch_size * getattr(train, "grad_accum", 1) * train.seq_len)
-    except (AttributeError, TypeError):
-        return None
 
 
 def _console():
@@ -92,9 +82,7 @@ def mix_cmd(
     from tinylm.data.shards import ShardSet
 
     full, data_cfg = load_recipe(recipe, set_)
-    total = tokens or recipe_tokens(full)
-    if not total:
-        raise UserError(f"{recipe}: cannot tell how many tokens the run trains on; pass --tokens")
+    total = tokens or full.train.total_tokens()
     shards = ShardSet(prepare(data_cfg, progress=not as_json))
     if as_json or not sys.stderr.isatty():
         result = load_or_compute(data_cfg, shards, total, recompute=recompute)

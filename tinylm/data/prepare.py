@@ -13,7 +13,6 @@ import math
 import multiprocessing as mp
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -354,13 +353,6 @@ def prepare(cfg: DataConfig, *, force: bool = False, progress: bool = True, work
 def open_prepared(cfg: DataConfig, **kwargs) -> ShardSet:
     """`prepare` if needed, then open the result."""
     return ShardSet(prepare(cfg, **kwargs))
-
-
-def remove_prepared(cfg: DataConfig) -> None:
-    """Delete a prepared directory (only if it looks like one), for a clean rebuild."""
-    root = data_dir(cfg)
-    if (root / MANIFEST).is_file() or (root / "tokenizer.json").is_file():
-        shutil.rmtree(root)
 
 
 def bytes_per_token(tok, docs: list[str]) -> float:

@@ -78,6 +78,10 @@ class MixtureSampler:
                 idx = i
         return idx
 
+    def phase(self, step: int) -> Phase:
+        """The phase step `step` trains in."""
+        return self.phases[self.phase_index(step)]
+
     def _draw_sources(self, step: int):
         names, probs = zip(*sorted(self._weights[self.phase_index(step)].items()))
         rng = np.random.default_rng([self.seed, step])

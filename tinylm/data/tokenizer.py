@@ -88,10 +88,6 @@ def load_tokenizer(path: str | os.PathLike):
         raise UserError(f"{path} is not a tokenizer.json that `tokenizers` can load: {' '.join(str(e).split())}") from None
 
 
-def special_id(tok, token: str) -> int | None:
-    return tok.token_to_id(token)
-
-
 def document_specials(cfg, tok) -> tuple[int, int]:
     """(bos id, eos id) for documents: names from the recipe, else from what sits beside an existing
     tokenizer file (a tinylm checkpoint's state.json, an HF tokenizer_config.json), else tinylm's own."""

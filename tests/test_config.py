@@ -19,21 +19,25 @@ def test_precedence_cli_over_toml_over_defaults(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text, overrides, needle",
+    "text, overrides, needle, blamed",
     [
-        ("[train]\nstepz = 3\n", [], "train.stepz"),
-        ("[train]\nsteps = 'many'\n", [], "train.steps"),
-        ("[model]\npreset = 3\n", [], "model.preset"),
-        ("", ["optim.lr=fast"], "optim.lr"),
-        ("", ["nosuch.key=1"], "nosuch"),
-        ("[train]\nsteps = 0\n", [], "steps"),
+        ("[train]\nstepz = 3\n", [], "train.stepz", "file"),
+        ("[train]\nsteps = 'many'\n", [], "train.steps", "file"),
+        ("[model]\npreset = 3\n", [], "model.preset", "file"),
+        ("", ["optim.lr=fast"], "optim.lr", "--set optim.lr=fast"),
+        ("", ["nosuch.key=1"], "nosuch", "--set nosuch.key=1"),
+        ("[train]\nsteps = 0\n", [], "train.steps", "file"),
+        ("[train]\nsteps = 5\n", ["train.ckpt_every=0"], "train.ckpt_every", "--set train.ckpt_every=0"),
+        ("[optim]\nlr = nan\n", [], "optim.lr", "file"),
     ],
 )
-def test_bad_keys_and_types_name_the_key_and_file(tmp_path, text, overrides, needle):
+def test_bad_keys_and_types_name_the_key_and_its_origin(tmp_path, text, overrides, needle, blamed):
+    """A value from the file names the file; a value from `--set` names the flag."""
     path = _write(tmp_path, text)
     with pytest.raises(UserError) as e:
         recipes.load(path, overrides)
-    assert needle in str(e.value) and str(path) in str(e.value)
+    assert needle in str(e.value)
+    assert str(e.value).startswith(str(path) if blamed == "file" else blamed)
 
 
 def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
@@ -53,3 +57,12 @@ def test_info_json_reports_params_and_flops(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert abs(report["params"] - 124.6e6) < 0.2e6
     assert report["flops_per_token"] > 6 * 100e6
+
+
+def test_set_enters_a_list_of_tables_by_name_or_index(tmp_path):
+    path = _write(tmp_path, '[[data.sources]]\nname = "a"\npath = "a.txt"\n[[data.sources]]\nname = "b"\npath = "b.txt"\n')
+    r = recipes.load(path, ["data.sources.b.path=other.txt", "data.sources.0.chunk_chars=500"])
+    assert [(s.name, s.path, s.chunk_chars) for s in r.data.sources] == [("a", "a.txt", 500), ("b", "other.txt", 0)]
+    for bad, needle in [("data.sources.c.path=x", "names: a, b"), ("data.sources.path=x", "is a list")]:
+        with pytest.raises(UserError, match=needle):
+            recipes.load(path, [bad])

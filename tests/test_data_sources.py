@@ -105,3 +105,13 @@ def test_shared_gsm8k_when_present():
     docs = documents(src)
     assert len(docs) == 20 and all("\n#### " in d for d in docs)
     assert input_files(src) == [path]
+
+
+def test_chunks_keep_the_line_breaks_of_a_block_cut_up(tmp_path):
+    # A block longer than chunk_chars is cut at line ends; its lines must stay one line break apart.
+    block = "\n".join(f"line {i} of a long speech" for i in range(40))
+    (tmp_path / "play.txt").write_text("A short block.\n\n" + block + "\n\nThe end.")
+    chunks = documents(SourceConfig(name="p", type="text", path=str(tmp_path / "play.txt"), chunk_chars=200))
+    # Only the block's first line follows a blank line (the one after the short block).
+    assert all(len(c) <= 200 for c in chunks) and sum(c.count("\n\nline") for c in chunks) <= 1
+    assert "\n".join(chunks).replace("\n\n", "\n") == ("A short block.\n" + block + "\nThe end.")

@@ -47,6 +47,8 @@ class Completion:
     tokens: list[int]
     finish_reason: str
     """"stop" (a stop token or string) or "length"."""
+    stop_id: int | None = None
+    """The stop token that ended it, if one did (it is not in `tokens`)."""
     logprobs: list[np.ndarray] = field(default_factory=list, repr=False)
     """The distribution each generated token was drawn from (only when asked for)."""
 
@@ -226,7 +228,7 @@ def generate_ids(
         for i in np.flatnonzero(~done):
             t = int(nxt[i])
             if t in stop_set:
-                done[i], out[i].finish_reason = True, "stop"
+                done[i], out[i].finish_reason, out[i].stop_id = True, "stop", t
                 continue
             c = out[i]
             c.tokens.append(t)

@@ -14,8 +14,14 @@ from typing import Optional
 
 import numpy as np
 
+from tinylm import config
 from tinylm.errors import UserError
 from tinylm.presets import PRESETS
+
+
+def _check_sizes(cfg) -> None:
+    config.at_least(cfg, 1, "n_layers dim n_heads n_kv_heads ffn_dim vocab_size max_seq_len block_repeats")
+    config.positive(cfg, "rope_theta norm_eps init_std")
 
 
 @dataclass
@@ -51,6 +57,9 @@ class ModelConfig:
     init_std: float = 0.02
     """Standard deviation of the normal initialization; output projections get it / sqrt(2 * depth)."""
 
+    def __post_init__(self):
+        _check_sizes(self)
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -79,6 +88,10 @@ class ModelShape:
         """Blocks applied per forward pass, counting repeats."""
         return self.n_layers * self.block_repeats
 
+    def __post_init__(self):
+        # Checked here too: shapes also come from checkpoints and Hugging Face configs, not only from recipes.
+        _check_sizes(self)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -94,15 +107,16 @@ def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ModelShape:
         value = getattr(cfg, f.name)
         if f.name != "preset" and value is not None:
             fields[f.name] = value
-    shape = ModelShape(**fields)
+    try:
+        shape = ModelShape(**fields)
+    except config.SettingError as e:
+        raise UserError(f"model: {e}") from None
     if shape.dim % shape.n_heads:
         raise UserError(f"model: dim {shape.dim} is not a multiple of n_heads {shape.n_heads}")
     if shape.n_heads % shape.n_kv_heads:
         raise UserError(f"model: n_heads {shape.n_heads} is not a multiple of n_kv_heads {shape.n_kv_heads}")
     if shape.head_dim % 2:
         raise UserError(f"model: head dim {shape.head_dim} must be even for RoPE")
-    if min(shape.n_layers, shape.dim, shape.ffn_dim, shape.vocab_size, shape.block_repeats) < 1:
-        raise UserError("model: sizes must be positive")
     return shape
 
 
@@ -141,7 +155,7 @@ def flops_per_token(shape: ModelShape, seq_len: int) -> float:
 
     Repeated blocks are counted once per application, since they are computed again.
     """
-    block = count_params(dataclasses.replace(shape, n_layers=1, vocab_size=0, tie_embeddings=True)) - shape.dim
+    block = count_params(dataclasses.replace(shape, n_layers=1, tie_embeddings=True), embeddings=False) - shape.dim
     matmul_params = block * shape.depth + shape.vocab_size * shape.dim
     attention = 12 * shape.depth * shape.n_heads * shape.head_dim * seq_len
     return 6.0 * matmul_params + attention
@@ -166,7 +180,7 @@ def is_matrix(name: str) -> bool:
     return (".self_attn." in name and name.endswith("proj.weight")) or ".mlp." in name
 
 
-def _attention(ops, p, prefix, x, shape: ModelShape, offset, mask, cache_entry):
+def _attention(ops, p, prefix, x, shape: ModelShape, offset, mask, cache_entry, positions):
     b, t, _ = x.shape
     hd = shape.head_dim
     q = ops.linear(x, p[prefix + "q_proj.weight"]).reshape(b, t, shape.n_heads, hd)
@@ -176,8 +190,8 @@ def _attention(ops, p, prefix, x, shape: ModelShape, offset, mask, cache_entry):
         q = ops.rms_norm(q, p[prefix + "q_norm.weight"], shape.norm_eps)
         k = ops.rms_norm(k, p[prefix + "k_norm.weight"], shape.norm_eps)
     q, k, v = (ops.transpose(a, (0, 2, 1, 3)) for a in (q, k, v))
-    q = ops.rope(q, shape.rope_theta, offset)
-    k = ops.rope(k, shape.rope_theta, offset)
+    q = ops.rope(q, shape.rope_theta, offset, positions)
+    k = ops.rope(k, shape.rope_theta, offset, positions)
     if cache_entry is not None:
         k = ops.concat([cache_entry[0], k], axis=2)
         v = ops.concat([cache_entry[1], v], axis=2)
@@ -191,12 +205,14 @@ def _mlp(ops, p, prefix, x):
     return ops.linear(gate * ops.linear(x, p[prefix + "up_proj.weight"]), p[prefix + "down_proj.weight"])
 
 
-def forward(ops, params, tokens, shape: ModelShape, cache=None, mask="causal"):
-    """Logits for `tokens` (batch, time).
+def hidden_states(ops, params, tokens, shape: ModelShape, cache=None, mask="causal", positions=None):
+    """The final normed hidden states for `tokens` (batch, time): what the output head reads.
 
     With `cache` (a list with one (keys, values) pair per applied block, or an empty list to start one) the
-    tokens continue the cached sequence and the updated cache is returned as well: `(logits, cache)`.
+    tokens continue the cached sequence and the updated cache is returned as well: `(hidden, cache)`.
     `mask` is "causal", None, or a backend boolean array broadcastable to (batch, heads, time, cached + time).
+    `positions` (a backend integer array (batch, time)) gives each token its RoPE position; unset, positions
+    count from the cache's length. Packed rows restart them at 0 for every sequence they hold.
     """
     offset = 0 if not cache else cache[0][0].shape[2]
     new_cache = [] if cache is not None else None
@@ -207,7 +223,7 @@ def forward(ops, params, tokens, shape: ModelShape, cache=None, mask="causal"):
         for _ in range(shape.block_repeats):
             entry = cache[applied] if cache else None
             h = ops.rms_norm(x, params[prefix + "input_layernorm.weight"], shape.norm_eps)
-            attn, kv = _attention(ops, params, prefix + "self_attn.", h, shape, offset, mask, entry)
+            attn, kv = _attention(ops, params, prefix + "self_attn.", h, shape, offset, mask, entry, positions)
             x = x + attn
             h = ops.rms_norm(x, params[prefix + "post_attention_layernorm.weight"], shape.norm_eps)
             x = x + _mlp(ops, params, prefix + "mlp.", h)
@@ -215,19 +231,32 @@ def forward(ops, params, tokens, shape: ModelShape, cache=None, mask="causal"):
                 new_cache.append(kv)
             applied += 1
     x = ops.rms_norm(x, params["norm.weight"], shape.norm_eps)
-    head = params["embed_tokens.weight" if shape.tie_embeddings else "lm_head.weight"]
-    logits = ops.linear(x, head)
-    return logits if cache is None else (logits, new_cache)
+    return x if cache is None else (x, new_cache)
 
 
-def token_losses(ops, params, batch, shape: ModelShape, compute_dtype: str = "float32"):
-    """Next-token cross-entropy (nats) of every position of a (batch, time + 1) token array, computed in
-    `compute_dtype` (parameters are cast to it here, so they stay float32 outside)."""
-    if compute_dtype != "float32":
-        params = {k: ops.cast(v, compute_dtype) for k, v in params.items()}
-    return ops.cross_entropy(forward(ops, params, batch[:, :-1], shape), batch[:, 1:])
+def output_head(params, shape: ModelShape):
+    """The (vocab, dim) matrix that turns hidden states into logits."""
+    return params["embed_tokens.weight" if shape.tie_embeddings else "lm_head.weight"]
 
 
-def loss(ops, params, batch, shape: ModelShape, compute_dtype: str = "float32"):
-    """Mean next-token cross-entropy (nats) over a (batch, time + 1) token array."""
-    return token_losses(ops, params, batch, shape, compute_dtype).mean()
+def forward(ops, params, tokens, shape: ModelShape, cache=None, mask="causal", positions=None):
+    """Logits for `tokens` (batch, time); arguments as in `hidden_states`."""
+    out = hidden_states(ops, params, tokens, shape, cache, mask, positions)
+    if cache is None:
+        return ops.linear(out, output_head(params, shape))
+    return ops.linear(out[0], output_head(params, shape)), out[1]
+
+
+def cast_params(ops, params, compute_dtype: str):
+    """Parameters in the compute dtype (they stay float32 outside the loss)."""
+    if compute_dtype == "float32":
+        return params
+    return {k: ops.cast(v, compute_dtype) for k, v in params.items()}
+
+
+def token_losses(ops, params, inputs, targets, shape: ModelShape, compute_dtype: str = "float32", mask="causal",
+                 positions=None):
+    """Next-token cross-entropy (nats) of every position: `targets[b, t]` given `inputs[b, :t + 1]`, computed
+    in `compute_dtype`. `mask` and `positions` as in `hidden_states` (packed rows pass both)."""
+    params = cast_params(ops, params, compute_dtype)
+    return ops.cross_entropy(forward(ops, params, inputs, shape, mask=mask, positions=positions), targets)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tinylm import config
 from tinylm.errors import UserError
 from tinylm.model import is_matrix
 
@@ -40,10 +41,11 @@ class OptimConfig:
     """Newton-Schulz iterations that orthogonalize Muon's update."""
 
     def __post_init__(self):
-        if self.name not in ("adamw", "muon"):
-            raise ValueError(f"name must be 'adamw' or 'muon', got {self.name!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        config.one_of(self, "name", ("adamw", "muon"))
+        config.positive(self, "lr eps")
+        config.fraction(self, "beta1 beta2 muon_momentum", below_one=True)
+        config.at_least(self, 0, "weight_decay grad_clip")
+        config.at_least(self, 1, "muon_ns_steps")
 
 
 def uses_muon(cfg: OptimConfig, name: str) -> bool:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from tinylm import config
+from tinylm.coevolve import CoevolveConfig
 from tinylm.data.config import DataConfig
-from tinylm.model import ModelConfig
+from tinylm.dpo import DPOConfig
+from tinylm.errors import UserError
+from tinylm.model import ModelConfig, ModelShape
+from tinylm.objectives import OBJECTIVES, DistillConfig
 from tinylm.optim import OptimConfig
+from tinylm.rl import GRPOConfig
 from tinylm.schedule import ScheduleConfig
+from tinylm.sft import SFTConfig
 
 
 @dataclass
@@ -18,7 +24,7 @@ class TrainConfig:
     """The `[train]` section."""
 
     steps: int = 100
-    """Optimizer steps."""
+    """Optimizer steps (an SFT stage with `sft.epochs` set takes as many as its epochs need instead)."""
     batch_size: int = 8
     """Sequences per micro-batch on each rank."""
     grad_accum: int = 1
@@ -49,11 +55,9 @@ class TrainConfig:
     continuing an imported model. Its vocabulary must cover the data's tokenizer."""
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        config.at_least(self, 1, "steps batch_size grad_accum seq_len log_every ckpt_every eval_rows")
+        config.at_least(self, 0, "eval_every keep_checkpoints seed")
+        config.one_of(self, "dtype", ("float32", "bfloat16", "float16"))
 
     def rows_per_rank(self) -> int:
         """Sequences each rank trains on per optimizer step."""
@@ -75,6 +79,49 @@ class EvalConfig:
     limit: int = 50
     """Examples per task (0 for all)."""
 
+    def __post_init__(self):
+        config.at_least(self, 0, "every limit")
+
+
+SECTIONS = ("model", "data", "train", "optim", "schedule", "eval", "sft", "distill", "grpo", "dpo", "coevolve")
+"""The recipe sections a stage may override."""
+
+
+@dataclass
+class StageConfig:
+    """One `[[stages]]` entry: a named step of the recipe with its own objective and section overrides.
+
+    Each override table (`[stages.train]`, `[stages.optim]`, `[stages.sft]`, ...) is laid over the recipe's
+    section of the same name; the result is checked like a recipe of its own. A stage starts from the final
+    weights of the stage before it unless its `train.init_from` names a checkpoint.
+    """
+
+    name: str = ""
+    """Stage name: its folder under the run directory and the name `--stage` takes."""
+    objective: str = "lm"
+    """`lm` (next-token pretraining and mid-training), `sft` (assistant tokens of packed conversations),
+    `grpo` (RL with verifiable rewards, `[stages.grpo]`) or `dpo` (preference pairs, `[stages.dpo]`).
+    A `[stages.distill]` teacher adds logit distillation to `lm` or `sft`; `[stages.coevolve]` rounds make an
+    `lm` stage score and select its own data with the model it trains."""
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    optim: dict[str, Any] = field(default_factory=dict)
+    schedule: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+    sft: dict[str, Any] = field(default_factory=dict)
+    distill: dict[str, Any] = field(default_factory=dict)
+    grpo: dict[str, Any] = field(default_factory=dict)
+    dpo: dict[str, Any] = field(default_factory=dict)
+    coevolve: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
+            raise ValueError(f"stage name {self.name!r} must be letters, digits, '-' or '_'")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"stage {self.name!r}: unknown objective {self.objective!r} "
+                             f"(known: {', '.join(OBJECTIVES)})")
+
 
 @dataclass
 class Recipe:
@@ -88,10 +135,85 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Conversations for SFT stages (usually set per stage)."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Logit distillation from a teacher (usually set per stage)."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """RL with verifiable rewards for `grpo` stages."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """Preference pairs for `dpo` stages."""
+    coevolve: CoevolveConfig = field(default_factory=CoevolveConfig)
+    """Data-model co-evolution rounds for `lm` (mid-training) stages."""
+    stages: list[StageConfig] = field(default_factory=list)
+    """The stages in order. Empty: the recipe is one pretraining stage that writes to the run directory itself."""
+    source: str = ""
+    """The file the recipe was read from (set by `load`)."""
+
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+
+@dataclass
+class Stage:
+    """A stage resolved against its recipe: what the trainer of that stage is handed."""
+
+    name: str
+    index: int
+    objective: str
+    recipe: Recipe
+    """The recipe with the stage's overrides laid over it (and no stages of its own)."""
+    out: Path
+    """The stage's folder: metrics, checkpoints."""
+    previous: Optional[Path]
+    """The folder of the stage before it, whose final weights it starts from (None for the first)."""
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_stages(recipe: Recipe, out: str | Path | None = None) -> list[Stage]:
+    """Every stage of `recipe` resolved in order; a recipe without stages is one `lm` stage in `out` itself."""
+    root = Path(out or recipe.train.out)
+    if not recipe.stages:
+        return [Stage("pretrain", 0, "lm", recipe, root, None)]
+    base = config.to_dict(recipe)
+    base.pop("stages")
+    seen, resolved, previous = set(), [], None
+    for i, stage in enumerate(recipe.stages):
+        if stage.name in seen:
+            raise UserError(f"{recipe.source}: stage {stage.name!r} appears twice")
+        seen.add(stage.name)
+        merged = _merge(base, {k: getattr(stage, k) for k in SECTIONS if getattr(stage, k)})
+        stage_recipe = config.from_dict(Recipe, merged, f"{recipe.source} (stage {stage.name!r})")
+        resolved.append(Stage(stage.name, i, stage.objective, stage_recipe, root / stage.name, previous))
+        previous = root / stage.name
+    return resolved
+
+
+def pick_stage(stages: list[Stage], name: str) -> Stage:
+    for stage in stages:
+        if stage.name == name:
+            return stage
+    raise UserError(f"unknown stage {name!r} (this recipe has: {', '.join(s.name for s in stages)})")
+
+
+def check_model_fits(recipe: Recipe, shape: ModelShape, tokenizer_vocab: int | None = None) -> None:
+    """The model takes the recipe's sequences and every id of the tokenizer."""
+    if tokenizer_vocab is not None and shape.vocab_size < tokenizer_vocab:
+        raise UserError(f"model.vocab_size {shape.vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
+    if recipe.train.seq_len > shape.max_seq_len:
+        raise UserError(f"train.seq_len {recipe.train.seq_len} exceeds the model's max_seq_len {shape.max_seq_len}")
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     recipe = config.load(Recipe, path, overrides)
     if not recipe.name:
         recipe.name = Path(path).stem
+    recipe.source = str(path)
+    resolve_stages(recipe)  # every stage's overrides checked now, not when the stage is reached
     return recipe

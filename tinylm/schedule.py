@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from tinylm import config
+
 
 @dataclass
 class ScheduleConfig:
@@ -24,12 +26,10 @@ class ScheduleConfig:
     """Floor of the decay, as a fraction of the peak learning rate."""
 
     def __post_init__(self):
-        if self.name not in ("wsd", "cosine", "linear", "constant"):
-            raise ValueError(f"name must be wsd, cosine, linear or constant, got {self.name!r}")
-        if self.decay_shape not in ("linear", "cosine", "1-sqrt"):
-            raise ValueError(f"decay_shape must be linear, cosine or 1-sqrt, got {self.decay_shape!r}")
-        if not 0.0 <= self.decay_frac <= 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError("decay_frac and min_lr_ratio must lie in [0, 1]")
+        config.one_of(self, "name", ("wsd", "cosine", "linear", "constant"))
+        config.one_of(self, "decay_shape", ("linear", "cosine", "1-sqrt"))
+        config.at_least(self, 0, "warmup_steps")
+        config.fraction(self, "warmup_frac decay_frac min_lr_ratio")
 
 
 def _decay(shape: str, progress: float) -> float:

@@ -1,27 +1,31 @@
-"""The training step, written once: gradients of the core loss, accumulation, all-reduce, clipping, update.
+"""The training step, written once: gradients of an objective, accumulation, all-reduce, clipping, update.
 
 The backend contributes autodiff (`grad_step`), compilation (`pure_step`) and the arrays; nothing here
-depends on which backend runs it.
+depends on which backend runs it. The objective is a pure function from `tinylm.objectives`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from tinylm import model, optim
+from tinylm import model, objectives, optim
 from tinylm.model import ModelShape
 from tinylm.optim import OptimConfig
 
 
 class TrainModule:
-    def __init__(self, backend, shape: ModelShape, optim_cfg: OptimConfig, compute_dtype: str = "float32"):
+    def __init__(self, backend, shape: ModelShape, optim_cfg: OptimConfig, compute_dtype: str = "float32",
+                 objective=objectives.lm, annotate=None):
+        """`annotate(batch) -> dict`, if given, adds arrays to each backend batch before the gradient (a
+        teacher's log-probabilities for distillation); it runs outside autodiff."""
         self.backend = backend
         self.shape = shape
         self.optim_cfg = optim_cfg
+        self.annotate = annotate
         ops = backend.ops
 
         def loss_fn(params, batch):
-            return model.loss(ops, params, batch, shape, compute_dtype)
+            return objective(ops, params, batch, shape, compute_dtype)
 
         fused = backend.fused_adamw(optim_cfg)
 
@@ -36,27 +40,47 @@ class TrainModule:
             return params, state, norm
 
         def token_losses(params, batch):
-            return model.token_losses(ops, params, batch, shape, compute_dtype)
+            tokens = batch["tokens"]
+            return model.token_losses(ops, params, tokens[:, :-1], tokens[:, 1:], shape, compute_dtype)
+
+        def weighted_token_losses(params, batch):
+            return objectives.weighted_token_losses(ops, params, batch, shape, compute_dtype)
 
         self._grad = backend.grad_step(loss_fn)
         self._apply = backend.pure_step(apply) if fused is None else apply  # a fused kernel runs as it is
         self._token_losses = backend.pure_step(token_losses)
+        self._weighted_token_losses = backend.pure_step(weighted_token_losses)
+
+    def to_backend(self, batch) -> dict:
+        """A numpy batch (token rows, or a dict of arrays) as backend arrays: integers as token ids."""
+        if isinstance(batch, np.ndarray):
+            batch = {"tokens": batch}
+        out = {}
+        for k, v in batch.items():
+            if np.issubdtype(v.dtype, np.integer):
+                out[k] = self.backend.tokens(v)
+            else:
+                out[k] = self.backend.from_numpy({k: np.ascontiguousarray(v)})[k]
+        return out
 
     def init_state(self, params: dict) -> dict:
         return optim.init_state(self.backend.ops, self.optim_cfg, params)
 
-    def loss_and_grads(self, params: dict, micro_batches: list[np.ndarray]):
+    def loss_and_grads(self, params: dict, micro_batches: list):
         """Mean loss and mean gradient over micro-batches (gradient accumulation), averaged across ranks."""
         total_loss, total = None, None
         for rows in micro_batches:
-            loss, grads = self._grad(params, self.backend.tokens(rows))
+            batch = self.to_backend(rows)
+            if self.annotate is not None:
+                batch.update(self.annotate(batch))
+            loss, grads = self._grad(params, batch)
             total_loss = loss if total_loss is None else total_loss + loss
             total = grads if total is None else {k: total[k] + g for k, g in grads.items()}
         n = float(len(micro_batches))
         grads = {k: g / n for k, g in total.items()}
         return self.backend.all_mean_scalar(total_loss / n), self.backend.all_mean(grads)
 
-    def step(self, params: dict, state: dict, micro_batches: list[np.ndarray], lr: float, step: int):
+    def step(self, params: dict, state: dict, micro_batches: list, lr: float, step: int):
         """One optimizer step; `step` is 1-based (AdamW's bias correction counts from 1)."""
         ops = self.backend.ops
         loss, grads = self.loss_and_grads(params, micro_batches)
@@ -64,7 +88,12 @@ class TrainModule:
         self.backend.materialize((params, state, loss, norm))
         return params, state, self.backend.item(loss), self.backend.item(norm)
 
-    def token_losses(self, params: dict, rows: np.ndarray) -> np.ndarray:
-        """Per-token next-token losses (nats) for rows of shape (batch, time + 1), as numpy."""
-        out = self._token_losses(params, self.backend.tokens(rows))
+    def token_losses(self, params: dict, rows) -> np.ndarray:
+        """Per-token next-token losses (nats) as numpy: for token rows (batch, time + 1), or for a packed
+        dict batch (its mask and positions applied, weights ignored)."""
+        if isinstance(rows, np.ndarray):
+            out = self._token_losses(params, self.to_backend(rows))
+        else:
+            batch = {k: v for k, v in rows.items() if k != "weights"}
+            out = self._weighted_token_losses(params, self.to_backend(batch))
         return self.backend.to_numpy({"x": out})["x"]

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 
 import numpy as np
 
-from tinylm import checkpoint, model
+from tinylm import checkpoint, model, objectives
 from tinylm.config import to_dict
 from tinylm.data.mixture import resolve_phases
 from tinylm.data.prepare import open_prepared
 from tinylm.data.sampler import MixtureSampler, validation_rows
 from tinylm.errors import UserError
+from tinylm.metrics_log import MetricsLog
 from tinylm.mfu import format_mfu, mfu, peak_flops
 from tinylm.optim import check_state
 from tinylm.progress import RunReporter
-from tinylm.recipe import Recipe
+from tinylm.recipe import Recipe, check_model_fits
 from tinylm.schedule import lr_at
 from tinylm.train_module import TrainModule
 
@@ -32,57 +32,69 @@ def format_eval(results: dict) -> str:
     return ", ".join(parts)
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per row, flushed as written; on resume, rows past the checkpoint go."""
+class PretrainData:
+    """A pretraining stage's rows: the recipe's sources prepared, mixed by phase and sampled per step."""
 
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        if resume_step is not None and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
-        self._file = open(path, "a")
+    def __init__(self, recipe: Recipe, backend, progress: bool):
+        cfg = recipe.train
+        world = backend.world_size
+        # Rank 0 prepares the data and the mixture; the other ranks wait, then read what it wrote.
+        if backend.rank:
+            backend.barrier()
+        if not recipe.data.dir:
+            raise UserError("data.dir is not set: name the prepared data directory in the recipe")
+        # Prepared on demand: a no-op when the data is up to date.
+        self.shards = open_prepared(recipe.data, progress=progress)
+        phases = resolve_phases(recipe.data, self.shards, cfg.total_tokens(world), progress=progress)
+        if not backend.rank:
+            backend.barrier()
+        if cfg.eval_every:  # a missing validation split is reported now, not after the first steps
+            validation_rows(self.shards, cfg.seq_len, cfg.eval_rows)
+        self.sampler = MixtureSampler(self.shards, phases, cfg.seq_len, cfg.rows_per_rank() * world, cfg.seed)
+        self.seq_len = cfg.seq_len
+        self.vocab_size = self.shards.vocab_size
+        self.fingerprint = self.shards.fingerprint
+        self.tokenizer_path = self.shards.tokenizer_path
+        self.tokens_per_step = self.sampler.tokens_per_step
+        self.token_bytes = self.shards.token_bytes
 
-    def write(self, row: dict) -> None:
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+    def phase_name(self, step: int) -> str:
+        return self.sampler.phase(step).name
 
-    def close(self) -> None:
-        self._file.close()
+    def micro_batches(self, step: int, rank: int, world: int, grad_accum: int) -> list[np.ndarray]:
+        per_rank = self.sampler.rows_per_step // world
+        return np.split(self.sampler.batch(step)[rank * per_rank:(rank + 1) * per_rank], grad_accum)
+
+    def validation(self, batch_size: int, max_rows: int) -> list[tuple[np.ndarray, None]]:
+        rows = validation_rows(self.shards, self.seq_len, max_rows)
+        return [(rows[i:i + batch_size], None) for i in range(0, len(rows), batch_size)]
 
 
 class Trainer:
+    """The loop over steps of one stage. `data` supplies its rows (the recipe's pretraining data unless given),
+    `init` the checkpoint it starts from, `objective` what it minimizes (see `tinylm.objectives`)."""
+
     def __init__(self, recipe: Recipe, backend, out: str | Path | None = None, resume: bool = False,
-                 allow_data_change: bool = False, reporter: RunReporter | None = None):
+                 allow_data_change: bool = False, reporter: RunReporter | None = None, data=None,
+                 init=None, objective=objectives.lm, annotate=None, meta: dict | None = None):
         self.recipe = recipe
         self.backend = backend
         self.cfg = recipe.train
         self.out = Path(out or recipe.train.out)
         self.reporter = reporter or RunReporter(enabled=False)
         self.world, self.rank = backend.world_size, backend.rank
-        # Rank 0 prepares the data and the mixture; the other ranks wait, then read what it wrote.
-        if self.rank:
-            backend.barrier()
-        if not recipe.data.dir:
-            raise UserError("data.dir is not set: name the prepared data directory in the recipe")
-        # Prepared on demand: a no-op when the data is up to date.
-        self.shards = open_prepared(recipe.data, progress=self.reporter.enabled)
-        phases = resolve_phases(recipe.data, self.shards, self.cfg.total_tokens(self.world),
-                                progress=self.reporter.enabled)
-        if not self.rank:
-            backend.barrier()
-        self._init = checkpoint.load(self.cfg.init_from, with_optimizer=False) if self.cfg.init_from else None
+        self.data = data if data is not None else PretrainData(recipe, backend, self.reporter.enabled)
+        self.extra_meta = dict(meta or {})
+        if init is None and self.cfg.init_from:
+            init = checkpoint.load(self.cfg.init_from, with_optimizer=False)
+        self._init = init
         if self._init is not None:
             # Continuing a checkpoint (an imported model, say): its shape is the model, whatever the preset says.
             self.shape = self._init.shape
         else:
-            self.shape = model.resolve(recipe.model, vocab_size=self.shards.vocab_size)
-        if self.shape.vocab_size < self.shards.vocab_size:
-            raise UserError(f"model.vocab_size {self.shape.vocab_size} is smaller than the tokenizer's {self.shards.vocab_size}")
-        if self.cfg.seq_len > self.shape.max_seq_len:
-            raise UserError(f"train.seq_len {self.cfg.seq_len} exceeds the model's max_seq_len {self.shape.max_seq_len}")
-        self.sampler = MixtureSampler(self.shards, phases, self.cfg.seq_len, self.cfg.rows_per_rank() * self.world,
-                                      self.cfg.seed)
-        self.module = TrainModule(backend, self.shape, recipe.optim, self.cfg.dtype)
+            self.shape = model.resolve(recipe.model, vocab_size=self.data.vocab_size)
+        check_model_fits(recipe, self.shape, self.data.vocab_size)
+        self.module = TrainModule(backend, self.shape, recipe.optim, self.cfg.dtype, objective, annotate)
         self.flops_per_token = model.flops_per_token(self.shape, self.cfg.seq_len)
         self.peak = peak_flops(backend.device_name, self.cfg.dtype)
         self._tasks = None
@@ -91,10 +103,11 @@ class Trainer:
     def _start(self, resume: bool, allow_data_change: bool) -> None:
         existing = checkpoint.list_steps(self.out)
         if resume and existing:
-            ckpt = checkpoint.load(existing[-1])
+            ckpt = checkpoint.load_newest(self.out, on_skip=lambda path, e: self.reporter.warn(
+                f"skipping {path}, which does not load ({e}); resuming from an older checkpoint"))
             if ckpt.shape != self.shape:
                 raise UserError(f"{ckpt.path}: checkpoint is of another model shape than the recipe's")
-            if ckpt.meta.get("data_fingerprint") != self.shards.fingerprint and not allow_data_change:
+            if ckpt.meta.get("data_fingerprint") != self.data.fingerprint and not allow_data_change:
                 raise UserError(f"{ckpt.path}: the prepared data changed since this checkpoint "
                                 "(fingerprint differs); pass --allow-data-change to resume anyway")
             if ckpt.optimizer is None:
@@ -122,17 +135,19 @@ class Trainer:
             self.metrics.write(row)
 
     def validate(self) -> dict:
-        rows = validation_rows(self.shards, self.cfg.seq_len, self.cfg.eval_rows)
-        token_bytes = self.shards.token_bytes()
+        """Validation loss (nats per loss token) and bits per byte of the text those tokens decode to."""
+        token_bytes = self.data.token_bytes()
         nats, nbytes, ntokens = 0.0, 0, 0
-        for i in range(0, len(rows), self.cfg.batch_size):
-            chunk = rows[i : i + self.cfg.batch_size]
-            losses = self.module.token_losses(self.params, chunk)
-            nats += float(losses.sum(dtype=np.float64))
-            nbytes += int(token_bytes[chunk[:, 1:]].sum())
-            ntokens += losses.size
+        for batch, counted in self.data.validation(self.cfg.batch_size, self.cfg.eval_rows):
+            losses = self.module.token_losses(self.params, batch)
+            targets = batch[:, 1:] if isinstance(batch, np.ndarray) else batch["targets"]
+            if counted is None:
+                counted = np.ones(targets.shape, bool)
+            nats += float(losses[counted].sum(dtype=np.float64))
+            nbytes += int(token_bytes[targets[counted]].sum())
+            ntokens += int(counted.sum())
         bpb = nats / (math.log(2) * nbytes) if nbytes else float("nan")
-        return {"val_loss": nats / ntokens, "val_bpb": bpb}
+        return {"val_loss": nats / max(1, ntokens), "val_bpb": bpb}
 
     def evaluate_tasks(self) -> dict:
         """The recipe's `[eval]` tasks on the current weights: {task: {metric: value}}."""
@@ -141,50 +156,56 @@ class Trainer:
 
         if self._tasks is None:
             self._tasks = load_tasks(self.recipe.eval.tasks, self.recipe.eval.limit or None)
-        return evaluate(self.backend, self.shape, self.params, self.shards.tokenizer_path, self._tasks)
+        return evaluate(self.backend, self.shape, self.params, self.data.tokenizer_path, self._tasks,
+                        chat=bool(self.extra_meta.get("chat")))
 
     def save(self) -> None:
         if self.rank != 0:
             return
         meta = {
-            "tokens": self.step * self.sampler.tokens_per_step,
+            "tokens": self.step * self.data.tokens_per_step,
             "seed": self.cfg.seed,
             "backend": self.backend.name,
             "model": self.shape.to_dict(),
             "config": to_dict(self.recipe),
-            "data_fingerprint": self.shards.fingerprint,
-            "phase": self.sampler.phase(self.step).name,
+            "data_fingerprint": self.data.fingerprint,
+            "phase": self.data.phase_name(self.step),
+            **self.extra_meta,
         }
         checkpoint.save(self.out, self.step, self.backend.to_numpy(self.params), self.backend.to_numpy(self.state),
-                        meta, tokenizer=self.shards.tokenizer_path, keep=self.cfg.keep_checkpoints)
+                        meta, tokenizer=self.data.tokenizer_path, keep=self.cfg.keep_checkpoints)
 
     def fit(self) -> dict:
-        cfg, per_rank = self.cfg, self.cfg.rows_per_rank()
+        cfg = self.cfg
         last = {}
         step_time, step_tokens = 0.0, 0
         self.reporter.start(self.step, cfg.steps)
         while self.step < cfg.steps:
             lr = lr_at(self.recipe.schedule, self.recipe.optim.lr, self.step, cfg.steps)
-            rows = self.sampler.batch(self.step)[self.rank * per_rank : (self.rank + 1) * per_rank]
+            micro = self.data.micro_batches(self.step, self.rank, self.world, cfg.grad_accum)
             t0 = time.perf_counter()
-            self.params, self.state, loss, gnorm = self.module.step(
-                self.params, self.state, np.split(rows, cfg.grad_accum), lr, self.step + 1)
+            self.params, self.state, loss, gnorm = self.module.step(self.params, self.state, micro, lr, self.step + 1)
             step_time += time.perf_counter() - t0
-            step_tokens += self.sampler.tokens_per_step
-            if not math.isfinite(loss):
-                raise UserError(f"loss became {loss} at step {self.step + 1}; stopped without saving "
-                                f"(checkpoints already in {self.out / 'checkpoints'} are kept)")
+            step_tokens += self.data.tokens_per_step
+            if not (math.isfinite(loss) and math.isfinite(gnorm)):
+                what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {gnorm}"
+                raise UserError(f"the run diverged at step {self.step + 1} ({what}; try a lower optim.lr); stopped "
+                                f"without saving, checkpoints already in {self.out / 'checkpoints'} are kept")
             self.step += 1
             final = self.step == cfg.steps
             if self.step % cfg.log_every == 0 or final:
                 tps = step_tokens / step_time
                 util = mfu(tps, self.flops_per_token, self.peak)
                 last = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": gnorm,
-                        "tokens": self.step * self.sampler.tokens_per_step, "tokens_per_s": tps, "mfu": util,
-                        "phase": self.sampler.phase(self.step - 1).name}
+                        "tokens": self.step * self.data.tokens_per_step, "tokens_per_s": tps, "mfu": util,
+                        "phase": self.data.phase_name(self.step - 1)}
+                # A feed may report host-side numbers of the step (RL rewards, DPO reward margins).
+                extra = self.data.log_metrics(self.step - 1) if hasattr(self.data, "log_metrics") else {}
+                last.update(extra)
                 self._log(last)
                 self.reporter.say(f"step {self.step}: loss {loss:.4f} lr {lr:.2e} grad {gnorm:.3f} "
-                                  f"{tps:,.0f} tok/s mfu {format_mfu(util)}")
+                                  f"{tps:,.0f} tok/s mfu {format_mfu(util)}"
+                                  + "".join(f" {k} {v:.3f}" for k, v in extra.items()))
                 step_time, step_tokens = 0.0, 0
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or final):
                 val = self.validate()

@@ -46,8 +46,16 @@ class MLXOps:
     def rms_norm(self, x, weight, eps):
         return mx.fast.rms_norm(x, weight, eps)
 
-    def rope(self, x, theta, offset=0):
-        return mx.fast.rope(x, x.shape[-1], traditional=False, base=float(theta), scale=1.0, offset=offset)
+    def rope(self, x, theta, offset=0, positions=None):
+        if positions is None:
+            return mx.fast.rope(x, x.shape[-1], traditional=False, base=float(theta), scale=1.0, offset=offset)
+        # Per-token positions (batch, time), as packed rows need: the same rotation of the two halves.
+        half = x.shape[-1] // 2
+        inv = 1.0 / (float(theta) ** (mx.arange(0, x.shape[-1], 2, dtype=mx.float32) / x.shape[-1]))
+        angles = positions.astype(mx.float32)[:, None, :, None] * inv
+        cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
+        x1, x2 = x[..., :half], x[..., half:]
+        return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
     def attention(self, q, k, v, scale, mask):
         # mx.fast's "causal" aligns the diagonal to the bottom right, which is what a cached prefix needs.
@@ -74,6 +82,17 @@ class MLXOps:
     def log_softmax(self, logits):
         logits = logits.astype(mx.float32)
         return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+    def take_along_last(self, x, ids):
+        return mx.take_along_axis(x, ids, axis=-1)
+
+    def exp(self, x):
+        return mx.exp(x)
+
+    def top_k(self, x, k):
+        """(values, ids) of the k largest entries along the last axis (in no particular order)."""
+        ids = mx.argpartition(-x, kth=k - 1, axis=-1)[..., :k]
+        return mx.take_along_axis(x, ids, axis=-1), ids
 
     def sqrt(self, x):
         return mx.sqrt(x)

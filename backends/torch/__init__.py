@@ -39,10 +39,15 @@ class TorchOps:
         cos, sin = self._rope_cache[key]
         return cos[offset:], sin[offset:]
 
-    def rope(self, x, theta, offset=0):
+    def rope(self, x, theta, offset=0, positions=None):
         # Rotates the two halves of each head (the Llama / `traditional=False` layout), like mx.fast.rope.
         half = x.shape[-1] // 2
-        cos, sin = self._rope_tables(x.shape[-2], int(offset), x.shape[-1], float(theta), x.dtype)
+        if positions is None:
+            cos, sin = self._rope_tables(x.shape[-2], int(offset), x.shape[-1], float(theta), x.dtype)
+        else:  # per-token positions (batch, time): tables broadcast over the heads
+            inv = 1.0 / (theta ** (torch.arange(0, x.shape[-1], 2, dtype=torch.float32, device=x.device) / x.shape[-1]))
+            angles = positions.to(torch.float32)[:, None, :, None] * inv
+            cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         x1, x2 = x[..., :half], x[..., half:]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -75,6 +80,17 @@ class TorchOps:
 
     def log_softmax(self, logits):
         return F.log_softmax(logits.float(), dim=-1)
+
+    def take_along_last(self, x, ids):
+        return torch.gather(x, -1, ids)
+
+    def exp(self, x):
+        return torch.exp(x)
+
+    def top_k(self, x, k):
+        """(values, ids) of the k largest entries along the last axis."""
+        values, ids = torch.topk(x, k, dim=-1)
+        return values, ids
 
     def sqrt(self, x):
         return torch.sqrt(x)

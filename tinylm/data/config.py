@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from tinylm import config
+
 SOURCE_TYPES = ("text", "jsonl", "parquet", "hf", "synthetic")
-JSON_FORMATS = ("auto", "text", "chat", "prompt_completion")
+JSON_FORMATS = ("auto", "text", "chat", "prompt_completion", "gsm8k")
 MIXTURE_METHODS = ("manual", "temperature", "influence", "regmix")
 
 
@@ -31,8 +33,8 @@ class SourceConfig:
 
     format: str = "auto"
     """How a JSON Lines/Parquet/HF record becomes a document: `text` (the `text_field`), `chat` (a `messages`
-    list of {role, content}), `prompt_completion` (`prompt_field` then `completion_field`) or `auto` (the first
-    of those that the record has)."""
+    list of {role, content}), `prompt_completion` (`prompt_field` then `completion_field`), `gsm8k` (`question`
+    then `answer`) or `auto` (the first of those that the record has)."""
 
     text_field: str = "text"
     """Record field holding the document for the `text` format."""
@@ -41,10 +43,10 @@ class SourceConfig:
     """Record field holding the chat turns for the `chat` format."""
 
     prompt_field: str = "prompt"
-    """Record field holding the prompt for the `prompt_completion` format (GSM8K: `question`)."""
+    """Record field holding the prompt for the `prompt_completion` format."""
 
     completion_field: str = "completion"
-    """Record field holding the completion for the `prompt_completion` format (GSM8K: `answer`)."""
+    """Record field holding the completion for the `prompt_completion` format."""
 
     data_files: str = ""
     """`hf` only: comma-separated files passed to `datasets.load_dataset(path, data_files=...)`, for example a
@@ -57,8 +59,10 @@ class SourceConfig:
     """Split to read: of a Hugging Face dataset, or of a synthetic generator (`train`; `test` is for evaluation)."""
 
     chunk_chars: int = 0
-    """Cut each text file into documents of about this many characters at blank lines (or line ends); 0 keeps
-    every file one document. A single large file (tiny Shakespeare) needs this to have a validation split."""
+    """Cut each text file into documents of about this many characters at blank lines (or line ends, or spaces
+    in a longer line); 0 keeps every file one document. A single large file (tiny Shakespeare) needs this to
+    have a validation split. Any document is cut into pieces of at most 100,000 characters (see
+    `tinylm.data.sources.MAX_DOC_CHARS`), which keeps preparation's memory bounded."""
 
     max_docs: int = 0
     """Read at most this many documents (before cleaning); 0 reads all."""
@@ -82,6 +86,11 @@ class SourceConfig:
     quality: Optional[bool] = None
     """Apply the Gopher-style quality filters of `[data.clean]`; unset means on for every type except
     `synthetic`, whose generated text is clean by construction and full of short numerals."""
+
+    def __post_init__(self):
+        config.at_least(self, 0, "chunk_chars max_docs seed")
+        config.at_least(self, 1, "num_docs")
+        config.check(self, "difficulty", lambda v: 1 <= v <= 5, "from 1 to 5")
 
 
 @dataclass
@@ -129,6 +138,12 @@ class CleanConfig:
     repeated_ngram_n: int = 10
     """Length in words of the n-grams counted by `max_repeated_ngram_share`."""
 
+    def __post_init__(self):
+        config.at_least(self, 0, "min_chars min_words min_mean_word_length max_mean_word_length "
+                                 "max_symbol_word_ratio")
+        config.at_least(self, 1, "near_dedup_shingle near_dedup_num_perm repeated_ngram_n")
+        config.fraction(self, "near_dedup_threshold max_ellipsis_line_share max_repeated_ngram_share")
+
 
 @dataclass
 class TokenizerConfig:
@@ -157,6 +172,10 @@ class TokenizerConfig:
     seed: int = 0
     """Seed of the training-sample draw."""
 
+    def __post_init__(self):
+        config.at_least(self, 0, "min_frequency seed")
+        config.at_least(self, 1, "vocab_size sample_chars")
+
 
 @dataclass
 class PhaseConfig:
@@ -174,6 +193,11 @@ class PhaseConfig:
     weights: dict[str, float] = field(default_factory=dict)
     """`manual`: the weight of each source (normalized; unlisted sources get 0). Other methods: if given, only the
     listed sources take part."""
+
+    def __post_init__(self):
+        config.fraction(self, "start_fraction", below_one=True)
+        config.one_of(self, "method", ("",) + MIXTURE_METHODS)
+        config.check(self, "weights", lambda w: all(v >= 0 for v in w.values()), "non-negative")
 
 
 @dataclass
@@ -212,6 +236,12 @@ class InfluenceConfig:
 
     seed: int = 0
     """Seed of the proxy initialization and the sample draws."""
+
+    def __post_init__(self):
+        config.at_least(self, 1, "dim layers heads seq_len steps batch_size checkpoints samples_per_source "
+                                 "probe_samples")
+        config.at_least(self, 0, "seed")
+        config.positive(self, "lr")
 
 
 @dataclass
@@ -254,6 +284,11 @@ class RegMixConfig:
     seed: int = 0
     """Seed of the mixture draws and proxy initializations."""
 
+    def __post_init__(self):
+        config.at_least(self, 1, "proxies steps dim layers heads seq_len batch_size candidates top_k")
+        config.at_least(self, 0, "seed")
+        config.positive(self, "lr concentration")
+
 
 @dataclass
 class MixtureConfig:
@@ -283,6 +318,11 @@ class MixtureConfig:
     regmix: RegMixConfig = field(default_factory=RegMixConfig)
     """Settings of the `regmix` method."""
 
+    def __post_init__(self):
+        config.one_of(self, "method", MIXTURE_METHODS)
+        config.at_least(self, 0, "alpha")
+        config.positive(self, "max_epochs")
+
 
 @dataclass
 class DataConfig:
@@ -308,3 +348,7 @@ class DataConfig:
 
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     """Mixture weights per phase."""
+
+    def __post_init__(self):
+        config.fraction(self, "val_fraction", below_one=True)
+        config.at_least(self, 0, "workers")

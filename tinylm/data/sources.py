@@ -26,6 +26,10 @@ TEXT_SUFFIXES = (".txt", ".md")
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet",)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MAX_DOC_CHARS = 100_000
+"""Longer documents are cut at whitespace into pieces of at most this many characters. Cleaning, tokenizer
+training and encoding each hold a few hundred bytes per character of the document in hand, so one 25 MB line
+would take gigabytes; pieces this size still hold far more tokens than a training sequence."""
 
 
 def _one_line(err: BaseException) -> str:
@@ -84,20 +88,37 @@ def signature(src: SourceConfig) -> list:
     return out
 
 
+def split_long(text: str, limit: int) -> list[str]:
+    """`text` in pieces of at most `limit` characters, each cut at the last whitespace that fits (a word longer
+    than `limit` is cut where it must be)."""
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        window = text[start : start + limit]
+        cut = max(window.rfind(" "), window.rfind("\n"), window.rfind("\t"))
+        cut = cut if cut > 0 else limit
+        pieces.append(window[:cut])
+        start += cut
+    pieces.append(text[start:])
+    return pieces
+
+
 def _chunks(text: str, size: int) -> list[str]:
     if size <= 0:
         return [text]
-    pieces, current, length = [], [], 0
+    pieces, current = [], ""
     for block in re.split(r"\n\s*\n", text):
-        parts = [block] if len(block) <= size else block.splitlines()
-        for part in parts:
-            if length and length + len(part) > size:
-                pieces.append("\n\n".join(current))
-                current, length = [], 0
-            current.append(part)
-            length += len(part) + 2
+        parts = [block] if len(block) <= size else [p for line in block.splitlines() for p in split_long(line, size)]
+        for i, part in enumerate(parts):
+            # The lines of a block cut up for being too long stay one line break apart, as in the file;
+            # only whole blocks are joined by a blank line.
+            sep = "\n" if i else "\n\n"
+            if current and len(current) + len(sep) + len(part) > size:
+                pieces.append(current)
+                current = part
+            else:
+                current = current + sep + part if current else part
     if current:
-        pieces.append("\n\n".join(current))
+        pieces.append(current)
     return pieces
 
 
@@ -113,6 +134,10 @@ def _read_text(src: SourceConfig) -> Iterator[Record]:
             yield piece, str(f)
 
 
+GSM8K_FIELDS = {"question", "answer"}
+"""GSM8K's records: a question and a worked answer ending in `#### <number>`; read as prompt and completion."""
+
+
 def _record_to_doc(src: SourceConfig, rec, where: str, as_chat: bool = False) -> Record:
     if not isinstance(rec, dict):
         raise UserError(f"data source {src.name!r}: {where} is not a JSON object")
@@ -124,6 +149,8 @@ def _record_to_doc(src: SourceConfig, rec, where: str, as_chat: bool = False) ->
             fmt = "chat"
         elif src.prompt_field in rec and src.completion_field in rec:
             fmt = "prompt_completion"
+        elif GSM8K_FIELDS <= rec.keys():
+            fmt = "gsm8k"
         else:
             fields = f"{src.text_field!r}, {src.messages_field!r} or {src.prompt_field!r}+{src.completion_field!r}"
             raise UserError(f"data source {src.name!r}: {where} has none of the fields {fields}")
@@ -141,7 +168,10 @@ def _record_to_doc(src: SourceConfig, rec, where: str, as_chat: bool = False) ->
             ):
                 raise UserError(f"data source {src.name!r}: {where} {src.messages_field!r} must be a list of {{role, content}}")
             return [{"role": m["role"], "content": m["content"]} for m in messages]
-        prompt, completion = rec[src.prompt_field], rec[src.completion_field]
+        if fmt == "gsm8k":
+            prompt, completion = rec["question"], rec["answer"]
+        else:
+            prompt, completion = rec[src.prompt_field], rec[src.completion_field]
     except KeyError as e:
         raise UserError(f"data source {src.name!r}: {where} has no field {e.args[0]!r}") from None
     if not isinstance(prompt, str) or not isinstance(completion, str):
@@ -229,13 +259,11 @@ def documents(src: SourceConfig) -> list[str]:
     """The source's documents as text for pretraining; chat records are rendered with role markers."""
     out = []
     for rec in records(src):
-        if isinstance(rec, str):
-            out.append(rec)
-            continue
         try:
-            out.append(render_chat(rec))
+            text = rec if isinstance(rec, str) else render_chat(rec)
         except ValueError as e:
             raise UserError(f"data source {src.name!r}: {_one_line(e)}") from None
+        out.extend(split_long(text, MAX_DOC_CHARS))
     return out
 
 

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from tinylm.cli_base import make_app
+from tinylm.cli_base import make_app, run as run_app
 from tinylm.errors import UserError
 
 BACKEND_HELP = "auto, mlx or torch."
@@ -38,7 +38,8 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
     stop: List[str] = typer.Option([], "--stop", help="Stop at this string (repeatable)."),
     seed: int = typer.Option(0, "--seed"),
-    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the chat template as a user turn."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Wrap the prompt in the chat template as "
+                                        "a user turn (default: when the checkpoint is a chat model)."),
     committee: Optional[str] = typer.Option(None, "--committee", help="More checkpoints (comma-separated) sharing "
                                             "CKPT's tokenizer; decode from the average of their probabilities."),
     backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
@@ -48,6 +49,8 @@ def generate(
     from tinylm.generate import generate as run
 
     lm, tok, ckpt_obj = _model(ckpt, backend, committee)
+    if chat is None:
+        chat = bool(ckpt_obj.meta.get("chat"))
     text = chat_prompt([{"role": "user", "content": prompt}], ckpt_obj.meta) if chat else prompt
     cfg = SamplingConfig(max_tokens, temperature, top_k, top_p, tuple(stop), seed)
     run(lm, tok, [text], cfg, ckpt_obj.meta, on_text=lambda _, piece: (sys.stdout.write(piece), sys.stdout.flush()))
@@ -106,7 +109,8 @@ def eval_(
     samples: int = typer.Option(1, "--samples", min=1, help="Generations per problem (pass@k for k <= N)."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="Sampling temperature for --samples > 1 "
                                       "(0 means 0.8 when sampling)."),
-    chat: bool = typer.Option(False, "--chat", help="Ask generative tasks in the chat template."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Ask generative tasks in the chat "
+                                        "template (default: when the checkpoint is a chat model)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Most new tokens per generation "
                                              "(default: 256)."),
     output: Optional[Path] = typer.Option(None, "--output", help="Results JSON path (default: "
@@ -123,6 +127,8 @@ def eval_(
     lm, tok, ckpt_obj = _model(ckpt, backend, committee)
     if samples > 1 and temperature == 0:
         temperature = 0.8
+    if chat is None:
+        chat = bool(ckpt_obj.meta.get("chat"))
     results = harness.run_tasks(lm, tok, task_list, ckpt_obj.meta, samples, temperature, chat)
     members = [str(ckpt_obj.path)] + ([c for c in committee.split(",") if c.strip()] if committee else [])
     report = {"checkpoint": members[0], "step": ckpt_obj.step, "committee": members if committee else None,
@@ -143,23 +149,26 @@ def export(
     ckpt: str = typer.Argument(..., metavar="CKPT", help="Checkpoint or run directory."),
     out_dir: Path = typer.Argument(..., metavar="DIR", help="Directory to write."),
     to: str = typer.Option("hf", "--to", help="Target format (hf: a transformers model directory)."),
+    force: bool = typer.Option(False, "--force", help="Write into DIR even if it is not empty."),
 ):
     """Write a checkpoint as a Hugging Face model directory: `tinylm export CKPT --to hf DIR`."""
     from tinylm.hf import export_hf
 
     if to != "hf":
         raise UserError(f"unknown export format {to!r} (supported: hf)")
-    print(export_hf(ckpt, out_dir))
+    print(export_hf(ckpt, out_dir, force=force))
 
 
 def import_(
     hf_dir: Path = typer.Argument(..., metavar="HF_DIR", help="Local Llama or Qwen3 model directory."),
     out: Path = typer.Option(..., "--out", help="Run directory to write the checkpoint into."),
+    force: bool = typer.Option(False, "--force", help="Write into an existing run directory (its checkpoints "
+                               "are kept)."),
 ):
     """Read a local Hugging Face Llama/Qwen3 model into a tinylm checkpoint (to continue training or fine-tune)."""
     from tinylm.hf import import_hf
 
-    print(import_hf(hf_dir, out))
+    print(import_hf(hf_dir, out, force=force))
 
 
 def register(target: typer.Typer) -> None:
@@ -176,16 +185,7 @@ register(app)
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command of the standalone app; returns the exit code (2 for bad input)."""
-    import click
-
-    try:
-        code = app(args=argv, prog_name="tinylm", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return 2
-    return code if isinstance(code, int) else 0
+    return run_app(app, argv)
 
 
 if __name__ == "__main__":

@@ -239,7 +239,7 @@ def markdown_table(results: dict) -> str:
 
 
 def evaluate(backend, shape, params, tokenizer_path, task_specs, limit: int | None = None,
-             meta: dict | None = None) -> dict:
+             meta: dict | None = None, chat: bool = False) -> dict:
     """In-training evaluation: {task: {metric: value}} for the weights being trained (numpy or backend arrays).
 
     `task_specs` are command-line task names (a list or a comma-separated string) or `Task`s from
@@ -253,4 +253,4 @@ def evaluate(backend, shape, params, tokenizer_path, task_specs, limit: int | No
         tasks = list(task_specs)
     else:
         tasks = load_tasks(task_specs, limit)
-    return flat_metrics(run_tasks(lm, load_tokenizer(tokenizer_path), tasks, meta))
+    return flat_metrics(run_tasks(lm, load_tokenizer(tokenizer_path), tasks, meta, chat=chat))

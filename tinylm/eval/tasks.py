@@ -170,9 +170,18 @@ def read_text(path: Path) -> list[str]:
     return [text]
 
 
-READERS = {"gsm8k": read_gsm8k, "arc": read_arc, "hellaswag": read_hellaswag, "piqa": read_piqa,
+def read_qa(path: Path) -> list[GenExample]:
+    """A user's own problems: {"prompt", "answer"} per line, scored by exact match of the final answer."""
+    out = []
+    for i, row in enumerate(_read_jsonl(path), 1):
+        prompt, answer = _need(row, ("prompt", "answer"), f"{path}:{i}")
+        out.append(GenExample(f"{str(prompt).rstrip()}\n", str(answer).strip().replace(",", "")))
+    return out
+
+
+READERS = {"gsm8k": read_gsm8k, "qa": read_qa, "arc": read_arc, "hellaswag": read_hellaswag, "piqa": read_piqa,
            "boolq": read_boolq, "mc": read_mc, "text": read_text}
-_KINDS = {"gsm8k": "gen", "text": "text"}
+_KINDS = {"gsm8k": "gen", "qa": "gen", "text": "text"}
 
 
 def _guess_kind(path: Path) -> str:
@@ -181,7 +190,7 @@ def _guess_kind(path: Path) -> str:
     keys = set(_read_jsonl(path)[0])
     for kind, needs in (("arc", {"answerKey"}), ("hellaswag", {"endings"}), ("piqa", {"goal", "sol1"}),
                         ("boolq", {"passage"}), ("mc", {"choices"}), ("gsm8k", {"question", "answer"}),
-                        ("text", {"text"})):
+                        ("qa", {"prompt"}), ("text", {"text"})):
         if needs <= keys:
             return kind
     raise UserError(f"{path}: cannot tell the task format from its fields ({', '.join(sorted(keys))}); "
@@ -196,23 +205,24 @@ def synthetic_families() -> list[str]:
     return sorted(getattr(synthetic, "FAMILIES", {}))
 
 
-def _synthetic_task(family: str, limit: int | None) -> Task:
+def _synthetic_task(family: str, limit: int | None, split: str = "test") -> Task:
     from tinylm.data import synthetic
 
-    probs = synthetic.problems(family, n=limit or 200, split="test")
+    probs = synthetic.problems(family, n=limit or 200, split=split)
     return Task(family, "gen", [GenExample(p.prompt + "\n", str(p.answer)) for p in probs],
                 stop_strings=("\n\n",), max_tokens=256)
 
 
-def load_task(spec: str, limit: int | None = None) -> Task:
-    """A task from its command-line name (see the module docstring); `limit` keeps the first N examples."""
+def load_task(spec: str, limit: int | None = None, split: str = "test") -> Task:
+    """A task from its command-line name (see the module docstring); `limit` keeps the first N examples.
+    `split` picks the built-in families' side of their train/test split (files are read as they are)."""
     spec = spec.strip()
     kind, _, rest = spec.partition(":")
     if rest and kind in READERS:
         path = Path(rest)
         name = path.stem if kind in ("mc", "text") else kind
     elif spec in synthetic_families() or (kind == "synthetic" and rest in synthetic_families()):
-        return _synthetic_task(rest or spec, limit)
+        return _synthetic_task(rest or spec, limit, split)
     elif Path(spec).suffix in (".jsonl", ".json", ".txt") or Path(spec).is_file():
         path = Path(spec)
         if not path.is_file():

@@ -1,0 +1,175 @@
+"""Running one stage of a recipe: its starting weights, its data, its objective, then the one training loop.
+
+`tinylm.recipe.resolve_stages` says what each stage is; this module hands a stage's trainer what it needs:
+the previous stage's final weights (or `train.init_from`), its feed (the pretraining data, the packed
+conversations, RL rollouts or preference pairs), the objective, and a teacher when the stage distills.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tinylm import checkpoint, model, objectives
+from tinylm.errors import UserError
+from tinylm.objectives import DistillConfig
+from tinylm.recipe import Stage
+from tinylm.coevolve import CoevolveData
+from tinylm.dpo import DPOData
+from tinylm.rl import RLData
+from tinylm.sft import SFTData
+
+
+LONG_CONTEXT_FIELDS = ("rope_theta", "max_seq_len")
+"""Model settings a later stage may change on the weights it starts from (long-context fine-tuning)."""
+
+
+def starting_weights(stage: Stage):
+    """The checkpoint a stage starts from: `train.init_from`, else the previous stage's newest one, with the
+    stage's own RoPE base and maximum length when it sets them."""
+    init_from = stage.recipe.train.init_from
+    if init_from:
+        init = checkpoint.load(init_from, with_optimizer=False)
+    elif stage.previous is None:
+        return None
+    else:
+        found = checkpoint.list_steps(stage.previous)
+        if not found:
+            raise UserError(f"stage {stage.name!r} starts from the weights of {stage.previous}, which holds no "
+                            f"checkpoint yet: run the stage before it first (or set train.init_from)")
+        init = checkpoint.load(found[-1], with_optimizer=False)
+    changes = {k: getattr(stage.recipe.model, k) for k in LONG_CONTEXT_FIELDS if getattr(stage.recipe.model, k)}
+    init.shape = dataclasses.replace(init.shape, **changes)
+    return init
+
+
+def _vocabulary(tokenizer_path) -> dict:
+    return json.loads(Path(tokenizer_path).read_text())["model"]["vocab"]
+
+
+class Teacher:
+    """A frozen model whose log-probabilities at temperature T the student learns to match."""
+
+    def __init__(self, cfg: DistillConfig, backend, student_shape: model.ModelShape, student_tokenizer):
+        ckpt = checkpoint.load(cfg.teacher, with_optimizer=False)
+        if ckpt.tokenizer_path is None or student_tokenizer is None or \
+                _vocabulary(ckpt.tokenizer_path) != _vocabulary(student_tokenizer) or \
+                ckpt.shape.vocab_size != student_shape.vocab_size:
+            raise UserError(f"teacher {ckpt.path} and the student (tokenizer {student_tokenizer}) use different "
+                            f"tokenizers; logit distillation needs the same vocabulary")
+        self.path = ckpt.path
+        self.shape = ckpt.shape
+        self.params = backend.from_numpy(ckpt.params)
+        self.memory_mb = sum(v.nbytes for v in ckpt.params.values()) / 2**20
+        ops = backend.ops
+        temperature, top_k = cfg.temperature, cfg.top_k
+
+        def logprobs(params, batch):
+            logits = model.forward(ops, params, batch["inputs"], ckpt.shape, mask=batch.get("mask", "causal"),
+                                   positions=batch.get("positions"))
+            scaled = ops.log_softmax(logits / temperature)
+            if not top_k:
+                return {"teacher_logprobs": scaled}
+            values, ids = ops.top_k(scaled, top_k)
+            return {"teacher_logprobs": ops.log_softmax(values), "teacher_ids": ids}
+
+        self._logprobs = backend.pure_step(logprobs)
+
+    def annotate(self, batch: dict) -> dict:
+        return self._logprobs(self.params, batch)
+
+
+class WeightedRows:
+    """Pretraining rows in the weighted form the distillation objective reads: every token weighs the same."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def micro_batches(self, step: int, rank: int, world: int, grad_accum: int) -> list[dict]:
+        out = []
+        for rows in self.data.micro_batches(step, rank, world, grad_accum):
+            weight = np.float32(1.0 / (rows.shape[0] * (rows.shape[1] - 1)))
+            out.append({"inputs": rows[:, :-1], "targets": rows[:, 1:],
+                        "weights": np.full((rows.shape[0], rows.shape[1] - 1), weight, np.float32)})
+        return out
+
+
+def build_trainer(stage: Stage, backend, resume: bool = False, allow_data_change: bool = False, reporter=None):
+    """The trainer of one stage, with its weights, data, objective and (when it distills) its teacher."""
+    from tinylm.trainer import PretrainData, Trainer
+
+    recipe = stage.recipe
+    init = starting_weights(stage)
+    meta = {"stage": stage.name, "chat": bool(init and init.meta.get("chat"))}
+    if stage.objective in ("sft", "grpo", "dpo"):
+        if init is None:
+            raise UserError(f"stage {stage.name!r} fine-tunes, but has no weights to start from: put a pretraining "
+                            f"stage before it or set train.init_from")
+        if init.tokenizer_path is None:
+            raise UserError(f"{init.path} has no tokenizer.json, which a {stage.objective} stage needs")
+    if stage.objective == "grpo":
+        data, recipe = _grpo_data(recipe, init, backend)
+        cfg = recipe.grpo
+        objective = objectives.grpo(cfg.epsilon, cfg.clip_high, cfg.beta)
+    elif stage.objective == "dpo":
+        cfg = recipe.train
+        data = DPOData(recipe.dpo, init, cfg.seq_len, cfg.steps, cfg.seed)
+        if data.truncated and reporter is not None:
+            reporter.say(f"stage {stage.name}: {data.truncated} responses are longer than train.seq_len and were cut")
+        recipe = dataclasses.replace(recipe, train=dataclasses.replace(cfg, steps=data.steps, eval_every=0))
+        objective = objectives.dpo(recipe.dpo.beta)
+    elif stage.objective == "sft":
+        cfg = recipe.train
+        data = SFTData(recipe.sft, init.tokenizer_path, cfg.seq_len, cfg.rows_per_rank() * backend.world_size,
+                       cfg.steps, cfg.seed)
+        if data.truncated and reporter is not None:
+            reporter.say(f"stage {stage.name}: {data.truncated} conversations are longer than train.seq_len + 1 "
+                         f"and were cut")
+        recipe = dataclasses.replace(recipe, train=dataclasses.replace(cfg, steps=data.steps))
+        objective, meta["chat"] = objectives.sft, True
+    else:
+        data = PretrainData(recipe, backend, bool(reporter and reporter.enabled))
+        objective = objectives.lm
+        if recipe.coevolve.rounds:
+            data = CoevolveData(recipe.coevolve, data, recipe, stage.out)
+    if recipe.coevolve.rounds and stage.objective != "lm":
+        raise UserError(f"stage {stage.name!r}: coevolve.rounds applies to lm (mid-training) stages")
+    annotate = None
+    if recipe.distill.teacher and stage.objective in ("grpo", "dpo"):
+        raise UserError(f"stage {stage.name!r}: distill.teacher applies to lm and sft stages, not {stage.objective}")
+    if recipe.distill.teacher:
+        shape = init.shape if init is not None else model.resolve(recipe.model, vocab_size=data.vocab_size)
+        teacher = Teacher(recipe.distill, backend, shape, data.tokenizer_path)
+        if reporter is not None:
+            reporter.say(f"teacher {teacher.path}: {model.count_params(teacher.shape):,} parameters, "
+                         f"{teacher.memory_mb:.1f} MB of weights held for inference")
+        objective, annotate = objectives.distill(recipe.distill), teacher.annotate
+        if stage.objective != "sft":
+            data = WeightedRows(data)
+        meta["teacher"] = str(teacher.path)
+    trainer = Trainer(recipe, backend, out=stage.out, resume=resume, allow_data_change=allow_data_change,
+                      reporter=reporter, data=data, init=init, objective=objective, annotate=annotate, meta=meta)
+    if hasattr(data, "attach"):
+        data.attach(trainer)  # the feeds that sample or score with the weights being trained
+    return trainer
+
+
+def _grpo_data(recipe, init, backend):
+    """An RL stage's feed, and its recipe with checkpoints only at rollout-batch boundaries (exact resume) and
+    no validation loss (its held-out measure is pass@1 on the `[eval]` tasks)."""
+    cfg, train = recipe.grpo, recipe.train
+    mu = cfg.num_iterations
+    for name in ("steps", "ckpt_every"):
+        if getattr(train, name) % mu:
+            raise UserError(f"train.{name} ({getattr(train, name)}) must be a multiple of grpo.num_iterations "
+                            f"({mu}): checkpoints fall on rollout-batch boundaries so that a resumed run samples "
+                            f"the same completions")
+    ref = backend.from_numpy(init.params) if cfg.beta else None
+    data = RLData(cfg, init, train, backend.world_size, ref)
+    return data, dataclasses.replace(recipe, train=dataclasses.replace(train, eval_every=0))

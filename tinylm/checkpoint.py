@@ -23,6 +23,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from tinylm.config import from_dict
 from tinylm.data.shards import fsync_dir, atomic_write_json
 from tinylm.errors import UserError
 from tinylm.model import ModelShape, param_shapes
@@ -66,7 +67,9 @@ def save(
 ) -> Path:
     """Write checkpoint `step` atomically under `run_dir/checkpoints/`, then keep only the last `keep`."""
     root = Path(run_dir) / "checkpoints"
+    _refuse_non_finite(step, params, optimizer, root)
     root.mkdir(parents=True, exist_ok=True)
+    remove_orphans(root)
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp{os.getpid()}"
     if tmp.exists():
@@ -86,6 +89,41 @@ def save(
     for old in list_steps(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def first_non_finite(params: dict, optimizer: dict | None) -> str | None:
+    """`parameter NAME` or `optimizer slot NAME` of the first tensor holding a NaN or an infinity, else None."""
+    for kind, tensors in (("parameter", params), ("optimizer slot", optimizer or {})):
+        for name, value in tensors.items():
+            if not np.isfinite(value).all():
+                return f"{kind} {name}"
+    return None
+
+
+def _refuse_non_finite(step: int, params: dict, optimizer: dict | None, root: Path) -> None:
+    # A diverged run must not replace good checkpoints with NaN ones (which keep-K would then make the only ones).
+    bad = first_non_finite(params, optimizer)
+    if bad:
+        raise UserError(f"{bad} is NaN or infinite at step {step} (a diverged run? try a lower optim.lr); "
+                        f"stopped without saving, checkpoints already in {root} are kept")
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but belongs to someone else
+        return True
+    return True
+
+
+def remove_orphans(root: Path) -> None:
+    """Delete the temporary directories of saves whose process is gone (killed mid-write)."""
+    for tmp in root.glob(".step_*.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _is_running(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def list_steps(run_dir: str | os.PathLike) -> list[Path]:
@@ -111,18 +149,51 @@ def resolve_path(path: str | os.PathLike) -> Path:
 def load(path: str | os.PathLike, with_optimizer: bool = True) -> Checkpoint:
     """Read a checkpoint and check that its tensors match the shape it declares."""
     path = resolve_path(path)
-    try:
-        meta = json.loads((path / "state.json").read_text())
-        shape = ModelShape(**meta["model"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{path / 'state.json'} is damaged or not a tinylm checkpoint: {e}") from None
+    meta, shape = _read_state(path / "state.json")
     params = _load_tensors(path / "model.safetensors")
     check_params(shape, params, str(path))
     params = {name: params[name] for name in param_shapes(shape)}  # the model's own order
     optimizer = None
     if with_optimizer and (path / "optimizer.safetensors").is_file():
         optimizer = _load_tensors(path / "optimizer.safetensors")
+    bad = first_non_finite(params, optimizer)
+    if bad:  # written by a diverged run before tinylm refused to save one
+        raise UserError(f"{path}: {bad} is NaN or infinite; use an earlier checkpoint")
     return Checkpoint(path, shape, params, optimizer, meta)
+
+
+def load_newest(run_dir: str | os.PathLike, on_skip) -> Checkpoint:
+    """The newest checkpoint of a run that loads; `on_skip(path, error)` hears of each damaged one passed over.
+    With none loadable, the newest one's error is raised."""
+    steps = list_steps(run_dir)
+    if not steps:
+        raise UserError(f"no checkpoint in {Path(run_dir) / 'checkpoints'}")
+    first_error = None
+    for path in reversed(steps):
+        try:
+            return load(path)
+        except UserError as e:
+            first_error = first_error or e
+            on_skip(path, e)
+    raise first_error
+
+
+def _read_state(path: Path) -> tuple[dict, ModelShape]:
+    damaged = f"{path} is damaged or not a tinylm checkpoint"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{damaged}: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise UserError(f"{damaged}: no `model` table")
+    step = meta.get("step", 0)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise UserError(f"{damaged}: step {step!r} is not a non-negative integer")
+    try:
+        shape = from_dict(ModelShape, meta["model"], str(path), prefix="model")
+    except UserError as e:
+        raise UserError(f"{e} (the checkpoint is damaged)") from None
+    return meta, shape
 
 
 def _load_tensors(path: Path) -> dict[str, np.ndarray]:

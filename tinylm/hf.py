@@ -78,8 +78,27 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def export_hf(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write a directory that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer` load (float32)."""
+def _read_json(path: Path, default=None):
+    """A JSON file's value; `default` when it is absent; a `UserError` when it is damaged."""
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is damaged (not JSON): {e}") from None
+
+
+def check_target(out: Path, force: bool) -> None:
+    """`out` may be written into: absent or empty, or `force` to write over what is there."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} is not empty; choose another folder or pass --force to write into it")
+
+
+def export_hf(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, force: bool = False) -> Path:
+    """Write a directory that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer` load (float32).
+    A non-empty `out_dir` is refused unless `force`, which writes over the files of the same names."""
     from tokenizers import processors
 
     from tinylm.generate import load_checkpoint_tokenizer
@@ -91,6 +110,7 @@ def export_hf(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     names = {k: (tok.id_to_token(v) if v is not None else None) for k, v in ids.items()}
     eos_ids = [i for i in (ids["eos"], ids["end"]) if i is not None]
     out = Path(out_dir)
+    check_target(out, force)
     out.mkdir(parents=True, exist_ok=True)
 
     save_file(_hf_tensors(ckpt.shape, ckpt.params), str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -146,9 +166,12 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_weights(hf_dir: Path) -> dict[str, np.ndarray]:
-    index = hf_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    index = _read_json(hf_dir / "model.safetensors.index.json")
+    if index is not None:
+        try:
+            files = sorted(set(index["weight_map"].values()))
+        except (TypeError, KeyError, AttributeError):
+            raise UserError(f"{hf_dir / 'model.safetensors.index.json'} has no weight_map of file names") from None
     elif (hf_dir / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -210,8 +233,10 @@ def _fold_repeats(params: dict, n_layers: int, repeats: int) -> dict | None:
     return folded
 
 
-def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Read a local Llama or Qwen3 model directory into a tinylm checkpoint (step 0) under `out_dir`."""
+def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, force: bool = False) -> Path:
+    """Read a local Llama or Qwen3 model directory into a tinylm checkpoint (step 0) under `out_dir`.
+
+    A non-empty `out_dir` is refused unless `force`; even then no checkpoint there is replaced or deleted."""
     import dataclasses
 
     from tinylm.data.tokenizer import load_tokenizer
@@ -219,10 +244,14 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
+    out_dir = Path(out_dir)
+    check_target(out_dir, force)
+    if (out_dir / "checkpoints" / "step_00000000").exists():
+        raise UserError(f"{out_dir} already holds a step 0 checkpoint; choose another --out")
+    cfg = _read_json(hf_dir / "config.json")
     try:
-        cfg = json.loads((hf_dir / "config.json").read_text())
         arch, shape = _shape_from_config(cfg, hf_dir)
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{hf_dir / 'config.json'} is damaged or incomplete: {e!r}") from None
     if not (hf_dir / "tokenizer.json").is_file():
         raise UserError(f"{hf_dir} has no tokenizer.json (tinylm needs the fast tokenizer file)")
@@ -240,10 +269,8 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         params, shape = folded, dataclasses.replace(shape, n_layers=shape.n_layers // repeats, block_repeats=repeats)
     checkpoint.check_params(shape, params, str(hf_dir))
 
-    tok_cfg_path = hf_dir / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.is_file() else {}
-    gen_path = hf_dir / "generation_config.json"
-    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    tok_cfg = _read_json(hf_dir / "tokenizer_config.json", {})
+    gen = _read_json(hf_dir / "generation_config.json", {})
 
     def name_of(key: str, fallback: str) -> str | None:
         value = _token_name(tok_cfg.get(f"{key}_token"))
@@ -262,5 +289,5 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
     meta = {"model": shape.to_dict(), "imported_from": {"architecture": arch, "name": hf_dir.name},
             "special_tokens": specials, "add_bos": add_bos, "hf_tokenizer_config": tok_cfg}
-    return checkpoint.save(out_dir, 0, params, None, meta, tokenizer=hf_dir / "tokenizer.json", keep=1)
+    return checkpoint.save(out_dir, 0, params, None, meta, tokenizer=hf_dir / "tokenizer.json", keep=0)
 

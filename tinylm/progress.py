@@ -17,6 +17,10 @@ class RunReporter:
         if self.enabled:
             self.console.print(text, highlight=False)
 
+    def warn(self, text: str) -> None:
+        """Shown even when quiet: something the person should know about what the run did."""
+        self.console.print(f"warning: {text}", highlight=False, soft_wrap=True)
+
     def start(self, step: int, total: int) -> None:
         if not self.enabled or not self.console.is_terminal:
             return

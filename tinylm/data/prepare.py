@@ -29,12 +29,14 @@ from tinylm.data.tokenizer import (PAD, SPECIAL_TOKENS, document_specials, load_
                                    train_tokenizer)
 from tinylm.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped whenever prepare's output changes for the same input, so old data directories are rebuilt."""
 
 DEFAULT_DIR = "data/prepared"
 TOKENIZER_META = "tokenizer.meta.json"
 ENCODE_BATCH = 512
+BATCH_CHARS = 1 << 21
+"""Most characters per cleaning task or encoding batch: what a batch holds in memory grows with its text."""
 
 
 def data_dir(cfg: DataConfig) -> Path:
@@ -125,9 +127,8 @@ def clean_sources(cfg: DataConfig, sources: list[SourceConfig], workers: int | N
     jobs, owners = [], []
     for src in sources:
         quality = src.quality if src.quality is not None else src.type != "synthetic"
-        docs = read[src.name]
-        for start in range(0, max(1, len(docs)), SCAN_CHUNK):
-            jobs.append((docs[start : start + SCAN_CHUNK], cfg.clean, quality))
+        for chunk in batches(read[src.name], SCAN_CHUNK):
+            jobs.append((chunk, cfg.clean, quality))
             owners.append(src.name)
     task = progress.add_task("cleaning", total=len(jobs)) if progress else None
     if cfg.clean.near_dedup:
@@ -158,6 +159,19 @@ def clean_sources(cfg: DataConfig, sources: list[SourceConfig], workers: int | N
             raise UserError(f"data source {src.name!r}: no documents left after cleaning "
                             f"({report['input']} read){why}")
     return results
+
+
+def batches(docs: list[str], most_docs: int, most_chars: int = BATCH_CHARS) -> list[list[str]]:
+    """`docs` in order, in batches of at most `most_docs` documents and (but for a single longer one)
+    `most_chars` characters; one empty batch for no documents."""
+    out, current, chars = [], [], 0
+    for doc in docs:
+        if current and (len(current) == most_docs or chars + len(doc) > most_chars):
+            out.append(current)
+            current, chars = [], 0
+        current.append(doc)
+        chars += len(doc)
+    return out + [current]
 
 
 def scans_of_next(owners: list[str], name: str, scans, progress, task):
@@ -245,8 +259,9 @@ def _write_split(tok, docs: list[str], source_dir: Path, split: str, dtype, bos_
     writer = ShardWriter(source_dir, split, dtype)
     n_bytes = 0
     bos = [bos_id]
-    for start in range(0, len(docs), ENCODE_BATCH):
-        batch = docs[start : start + ENCODE_BATCH]
+    for batch in batches(docs, ENCODE_BATCH):
+        if not batch:
+            continue
         # One write per batch: per-document arrays cost as much as a good share of the encoding itself.
         writer.add_many([bos + enc.ids for enc in tok.encode_batch_fast(batch, add_special_tokens=False)])
         # Encoding the joined batch counts the same UTF-8 bytes as encoding each document.

@@ -29,6 +29,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PYTHON) -m tinylm bench
+	bash scripts/bench_shakespeare.sh "$(PYTHON)"
 
 clean:
 	rm -rf runs data/synthetic* $(STAMP) build *.egg-info

@@ -56,6 +56,39 @@ def train_throughput(backend, preset: str, seq_len: int, batch_size: int, steps:
     return shape, tokens_per_s, losses
 
 
+def rollout_throughput(backend, preset: str = "tiny", prompts: int = 8, group: int = 8, prompt_len: int = 64,
+                       max_tokens: int = 64, vocab_size: int = 2048) -> dict:
+    """RL rollouts (grouped prefill, sampling, then the log-probability pass the objective needs) against
+    `tinylm generate`'s batched decoding of the same prompts, in generated tokens/s on the same model."""
+    from tinylm.generate import Model, SamplingConfig, generate_ids
+    from tinylm.rl import GroupedPrefill
+
+    class Ids:  # decoding needs only token ids here: no text, no stop strings
+        def decode(self, ids, skip_special_tokens=False):
+            return ""
+
+    shape = resolve(ModelConfig(preset=preset, vocab_size=vocab_size))
+    lm = Model(backend, shape, model.init_params(shape, 0))
+    module = TrainModule(backend, shape, OptimConfig())
+    rng = np.random.default_rng(0)
+    batch = [rng.integers(0, vocab_size, prompt_len).tolist() for _ in range(prompts) for _ in range(group)]
+    cfg = SamplingConfig(max_tokens=max_tokens, temperature=1.0, seed=0)
+    generate_ids(lm, Ids(), batch[:group], SamplingConfig(max_tokens=2))  # warm-up
+    t0 = time.perf_counter()
+    plain = generate_ids(lm, Ids(), batch, cfg)
+    generate_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    outs = generate_ids(GroupedPrefill(lm, group), Ids(), batch, cfg)
+    rows = np.array([p + o.tokens for p, o in zip(batch, outs)])
+    module.token_losses(lm.params, {"inputs": rows[:, :-1], "targets": rows[:, 1:]})
+    rollout_s = time.perf_counter() - t0
+    tokens = sum(len(o.tokens) for o in plain)
+    return {"preset": preset, "prompts": prompts, "group": group, "prompt_len": prompt_len,
+            "max_tokens": max_tokens, "generate_tokens_per_s": round(tokens / generate_s, 1),
+            "rollout_tokens_per_s": round(sum(len(o.tokens) for o in outs) / rollout_s, 1),
+            "ratio": round(sum(len(o.tokens) for o in outs) / rollout_s / (tokens / generate_s), 3)}
+
+
 CASES = (("tiny", 512, 8, 5), ("mobilellm-125m", 512, 2, 3))
 
 
@@ -79,6 +112,10 @@ def run(backends=("torch", "mlx"), out: str | Path = "runs/bench.json", echo=pri
             report["train"].append(row)
             echo(f"  {preset:16s} seq {seq_len}: {tps:9,.1f} tok/s  MFU {100 * util:5.1f}%  "
                  f"losses {', '.join(f'{v:.4f}' for v in losses)}")
+        row = {"backend": name, **rollout_throughput(backend)}
+        report.setdefault("rollouts", []).append(row)
+        echo(f"  rollouts {row['preset']} {row['prompts']}x{row['group']}: {row['rollout_tokens_per_s']:,.1f} tok/s "
+             f"vs generate {row['generate_tokens_per_s']:,.1f} tok/s ({row['ratio']:.2f}x)")
     from tinylm.data import bench as data_bench
 
     report["data"] = data_bench.run(echo=True)

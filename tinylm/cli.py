@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from tinylm import model, recipe as recipes
-from tinylm.cli_base import make_app
+from tinylm.cli_base import make_app, run as run_app
 from tinylm.config import to_dict
 from tinylm.data import cli as data_cli
 from tinylm.eval.cli import register as register_eval_commands
@@ -30,7 +30,9 @@ def _shape_for(recipe: recipes.Recipe) -> model.ModelShape:
     vocab = None
     if recipe.data.dir and (Path(recipe.data.dir) / MANIFEST).is_file():
         vocab = ShardSet(recipe.data.dir).vocab_size
-    return model.resolve(recipe.model, vocab_size=vocab)
+    shape = model.resolve(recipe.model, vocab_size=vocab)
+    recipes.check_model_fits(recipe, shape, vocab)
+    return shape
 
 
 @app.command()
@@ -69,20 +71,57 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
     allow_data_change: bool = typer.Option(False, "--allow-data-change", help="Resume even if the data changed."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="Run this stage of the recipe alone (default: "
+                                        "every stage in order; each writes its own folder under the run directory)."),
 ):
-    """Pretrain (or continue training) a model from a recipe."""
+    """Train a model from a recipe: pretraining, mid-training, SFT or distillation stages."""
     from tinylm.backends import get_backend, pick
     from tinylm.progress import RunReporter
-    from tinylm.trainer import Trainer
+    from tinylm.stages import build_trainer
 
     recipe = recipes.load(recipe_path, set_)
+    stages = recipes.resolve_stages(recipe, out)
+    if stage is not None:
+        stages = [recipes.pick_stage(stages, stage)]
     reporter = RunReporter(enabled=not quiet)
     name, why = pick(backend)
     engine = get_backend(name, dtype=recipe.train.dtype, compile=recipe.train.compile)
     reporter.say(f"backend: {name} on {engine.device_name} ({why})")
-    trainer = Trainer(recipe, engine, out=out, resume=resume, allow_data_change=allow_data_change, reporter=reporter)
-    summary = trainer.fit()
-    reporter.say(f"done: {trainer.out} " + json.dumps({k: v for k, v in summary.items() if k != "phase"}))
+    for one in stages:
+        if recipe.stages:
+            reporter.say(f"stage {one.name} ({one.objective}) -> {one.out}")
+        trainer = build_trainer(one, engine, resume=resume, allow_data_change=allow_data_change, reporter=reporter)
+        summary = trainer.fit()
+        reporter.say(f"done: {trainer.out} " + json.dumps({k: v for k, v in summary.items() if k != "phase"}))
+
+
+@app.command()
+def run(
+    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe TOML file."),
+    backend: str = typer.Option("auto", help="auto, mlx or torch."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default: train.out from the recipe)."),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="Run this stage and every one after it again."),
+    only: Optional[str] = typer.Option(None, "--only", help="Run this stage alone again."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+):
+    """Run a whole recipe: data, every stage in order (skipping finished ones), evaluation and a report."""
+    from tinylm.backends import get_backend, pick
+    from tinylm.progress import RunReporter
+    from tinylm.runner import plan, run_stages
+    from tinylm.runner import run as run_recipe
+
+    recipe = recipes.load(recipe_path, set_)
+    plan(run_stages(recipe, Path(out or recipe.train.out)), from_stage, only)  # stage names, before any work
+    reporter = RunReporter(enabled=not quiet)
+    name, why = pick(backend)
+    engine = get_backend(name, dtype=recipe.train.dtype, compile=recipe.train.compile)
+    reporter.say(f"backend: {name} on {engine.device_name} ({why})")
+    results = run_recipe(recipe, engine, out, from_stage, only, reporter)
+    if results:
+        from tinylm.trainer import format_eval
+
+        reporter.say("evaluation: " + format_eval(results))
 
 
 @app.command()
@@ -105,12 +144,11 @@ def quickstart(
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     fresh: bool = typer.Option(False, "--fresh", help="Start over instead of continuing an earlier quickstart."),
 ):
-    """Prepare the built-in data, train the quickstart model, evaluate it and show what it writes."""
+    """`tinylm run recipes/quickstart.toml` on the built-in data, then one of the model's worked answers."""
     import shutil
 
-    from tinylm import checkpoint
     from tinylm.data.synthetic import problems
-    from tinylm.generate import SamplingConfig, generate, load_model
+    from tinylm.generate import SamplingConfig, chat_prompt, generate, load_model
 
     if not QUICKSTART.is_file():
         raise UserError(f"the quickstart recipe is missing: {QUICKSTART}")
@@ -118,37 +156,20 @@ def quickstart(
     out = Path(recipe.train.out)
     if fresh and out.exists():
         shutil.rmtree(out)
-    steps = checkpoint.list_steps(out)
-    if steps and checkpoint.load(steps[-1], with_optimizer=False).step >= recipe.train.steps:
-        print(f"{out} is already trained; --fresh starts over", file=sys.stderr)
-    else:
-        train(QUICKSTART, backend=backend, set_=set_, out=None, resume=bool(steps), allow_data_change=False,
-              quiet=False)
-    lm, tok, ckpt = load_model(out, backend)
-    problem = problems("arithmetic", n=1, split="test")[0]
-    completion = generate(lm, tok, [problem.prompt], SamplingConfig(max_tokens=96), ckpt.meta)[0]
+    # The whole recipe through the runner: finished stages are skipped, an interrupted one resumes.
+    run(QUICKSTART, backend=backend, set_=set_, out=None, from_stage=None, only=None, quiet=False)
+    final = recipes.resolve_stages(recipe)[-1].out
+    lm, tok, ckpt = load_model(final, backend)
+    problem = problems("word_problems", n=1, split="test")[0]
+    prompt = chat_prompt(problem.messages()[:1], ckpt.meta) if ckpt.meta.get("chat") else problem.prompt + "\n"
+    completion = generate(lm, tok, [prompt], SamplingConfig(max_tokens=160), ckpt.meta)[0]
     print(f"\nprompt:   {problem.prompt.strip()}\nmodel:    {completion.text.strip()}\nexpected: {problem.answer}")
-    print(f"\ncheckpoint: {ckpt.path}\nnext: tinylm eval {out} --tasks arithmetic,word_problems --limit 100")
+    print(f"\ncheckpoint: {ckpt.path}\nnext: tinylm eval {final} --tasks arithmetic,word_problems --limit 100")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for bad input, with a one-line message)."""
-    try:
-        code = app(args=argv, prog_name="tinylm", standalone_mode=False)
-    except typer.Exit as e:
-        return e.exit_code
-    except SystemExit as e:
-        return int(e.code or 0)
-    except Exception as e:  # click's usage errors
-        from click.exceptions import Abort, ClickException
-
-        if isinstance(e, ClickException):
-            e.show()
-            return 2
-        if isinstance(e, Abort):
-            return 130
-        raise
-    return code if isinstance(code, int) else 0
+    return run_app(app, argv)
 
 
 def entry() -> None:

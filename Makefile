@@ -28,7 +28,7 @@ test-all: $(STAMP)
 	$(PYTEST)
 
 bench: $(STAMP)
-	$(PYTHON) -m tinylm bench
+	$(PYTHON) -m tinylm bench --out bench.json
 	bash scripts/bench_shakespeare.sh "$(PYTHON)"
 
 clean:

@@ -1,8 +1,8 @@
 """`tinylm bench`: training throughput and MFU per backend, measured against this machine's own matmul peak.
 
 MFU needs a peak. On a device of the table in `tinylm.mfu` that is the data-sheet number; elsewhere (a CPU)
-the peak is measured here as the best of several large matmuls in the benchmark's dtype, so the percentage
-says how much of what this machine can do the training step achieves. Losses are printed next to the
+the peak is measured here as the best of several large matmuls in the benchmark's dtype (and cached for the
+training logs), so the percentage says how much of what this machine can do the training step achieves. Losses are printed next to the
 speeds so that a faster configuration can be checked to compute the same thing.
 """
 
@@ -15,31 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from tinylm import model
-from tinylm.mfu import peak_flops
+from tinylm.mfu import cached_peak
 from tinylm.model import ModelConfig, resolve
 from tinylm.optim import OptimConfig
 from tinylm.train_module import TrainModule
 
 
-def measured_matmul_peak(backend, sizes=(1024, 2048, 4096), repeats: int = 5) -> float:
-    """Best FLOP/s of square float32 matmuls through the backend's own linear op, over a few sizes."""
-    rng = np.random.default_rng(0)
-    best = 0.0
-    for n in sizes:
-        arrays = backend.from_numpy({"a": rng.standard_normal((n, n), dtype=np.float32),
-                                     "b": rng.standard_normal((n, n), dtype=np.float32)})
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            out = backend.ops.linear(arrays["a"], arrays["b"])
-            backend.materialize(out)
-            backend.sync()
-            best = max(best, 2.0 * n**3 / (time.perf_counter() - t0))
-    return best
-
-
-def train_throughput(backend, preset: str, seq_len: int, batch_size: int, steps: int, vocab_size: int = 32000):
+def train_throughput(backend, config: ModelConfig, seq_len: int, batch_size: int, steps: int):
     """tokens/s of full optimizer steps (after one warm-up step) and the losses of every step."""
-    shape = resolve(ModelConfig(preset=preset, vocab_size=vocab_size))
+    shape = resolve(config)
     module = TrainModule(backend, shape, OptimConfig(lr=1e-3))
     params = backend.from_numpy(model.init_params(shape, 0))
     state = module.init_state(params)
@@ -89,29 +73,62 @@ def rollout_throughput(backend, preset: str = "tiny", prompts: int = 8, group: i
             "ratio": round(sum(len(o.tokens) for o in outs) / rollout_s / (tokens / generate_s), 3)}
 
 
-CASES = (("tiny", 512, 8, 5), ("mobilellm-125m", 512, 2, 3))
+# (row name, model, sequence length, batch size, timed steps). `nanogpt-shape` is nanoGPT's CPU example
+# (4 layers, width 128, 4 heads, context 64, batch 12, 65 characters), with a SwiGLU width of the same
+# parameter count as its 4x GELU MLP.
+NANOGPT = dict(layers=4, width=128, heads=4, context=64, batch_size=12, vocab_size=65)
+CASES = (
+    ("nanogpt-shape", ModelConfig(preset="micro", n_layers=4, dim=128, n_heads=4, n_kv_heads=4, ffn_dim=344,
+                                  vocab_size=65, qk_norm=False), 64, 12, 40),
+    ("tiny", ModelConfig(preset="tiny", vocab_size=32000), 512, 8, 5),
+    ("mobilellm-125m", ModelConfig(preset="mobilellm-125m", vocab_size=32000), 512, 2, 3),
+)
 
 
-def run(backends=("torch", "mlx"), out: str | Path = "runs/bench.json", echo=print) -> dict:
+def _peak_memory_mb(backend) -> float:
+    """The backend's peak allocation where it keeps one (CUDA, MLX); else this process's peak resident size."""
+    peak = backend.peak_memory_bytes()
+    if peak is None:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    return round(peak / 2**20, 1)
+
+
+def _row(name, backend_name, device, tps, flops_per_token, peak, source, memory_mb, losses) -> dict:
+    return {"name": name, "backend": backend_name, "device": device, "dtype": "float32",
+            "tokens_per_s": round(tps, 1), "mfu": round(tps * flops_per_token / peak, 4),
+            "peak_gflops": round(peak / 1e9, 1), "peak_source": source, "peak_memory_mb": memory_mb,
+            "losses": [round(v, 5) for v in losses]}
+
+
+def run(backends=("torch", "mlx"), out: str | Path = "bench.json", echo=print) -> dict:
     from tinylm.backends import get_backend
 
     report = {"train": []}
     for name in backends:
         backend = get_backend(name, "float32")
-        peak = peak_flops(backend.device_name, "float32")
-        source = "data sheet"
-        if peak is None:
-            peak, source = measured_matmul_peak(backend), "measured fp32 matmul"
+        peak, source = cached_peak(backend, "float32", refresh=True)
         echo(f"{name} on {backend.device_name}: peak {peak / 1e9:,.0f} GFLOP/s ({source})")
-        for preset, seq_len, batch, steps in CASES:
-            shape, tps, losses = train_throughput(backend, preset, seq_len, batch, steps)
-            util = tps * model.flops_per_token(shape, seq_len) / peak
-            row = {"backend": name, "device": backend.device_name, "preset": preset, "seq_len": seq_len,
-                   "batch_size": batch, "tokens_per_s": round(tps, 1), "mfu": round(util, 4),
-                   "peak_flops": peak, "peak_source": source, "losses": [round(v, 5) for v in losses]}
+        for row_name, config, seq_len, batch, steps in CASES:
+            shape, tps, losses = train_throughput(backend, config, seq_len, batch, steps)
+            flops = model.flops_per_token(shape, seq_len)
+            row = _row(row_name, name, backend.device_name, tps, flops, peak, source, _peak_memory_mb(backend),
+                       losses)
+            row.update(seq_len=seq_len, batch_size=batch)
             report["train"].append(row)
-            echo(f"  {preset:16s} seq {seq_len}: {tps:9,.1f} tok/s  MFU {100 * util:5.1f}%  "
+            echo(f"  {row_name:16s} seq {seq_len}: {tps:9,.1f} tok/s  MFU {100 * row['mfu']:5.1f}%  "
                  f"losses {', '.join(f'{v:.4f}' for v in losses)}")
+            if row_name == "nanogpt-shape" and name == "torch":
+                from tinylm.bench_baseline import baseline_throughput
+
+                base_tps, base_losses = baseline_throughput(steps=steps, **NANOGPT)
+                base = _row("nanogpt-shape-baseline", "torch (plain eager GPT)", backend.device_name, base_tps,
+                            flops, peak, source, _peak_memory_mb(backend), base_losses)
+                base.update(seq_len=seq_len, batch_size=batch)
+                report["train"].append(base)
+                echo(f"  {'  plain eager GPT':16s} seq {seq_len}: {base_tps:9,.1f} tok/s  "
+                     f"(tinylm {tps / base_tps:.2f}x)")
         row = {"backend": name, **rollout_throughput(backend)}
         report.setdefault("rollouts", []).append(row)
         echo(f"  rollouts {row['preset']} {row['prompts']}x{row['group']}: {row['rollout_tokens_per_s']:,.1f} tok/s "

@@ -127,7 +127,7 @@ def run(
 @app.command()
 def bench(
     backend: List[str] = typer.Option(["torch", "mlx"], "--backend", help="Backends to measure (repeatable)."),
-    out: Path = typer.Option(Path("runs/bench.json"), help="Where to write the JSON report."),
+    out: Path = typer.Option(Path("bench.json"), help="Where to write the JSON report."),
 ):
     """Measure training tokens/s and MFU per backend, and data preparation throughput."""
     from tinylm.bench import run

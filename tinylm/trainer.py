@@ -15,7 +15,7 @@ from tinylm.data.prepare import open_prepared
 from tinylm.data.sampler import MixtureSampler, validation_rows
 from tinylm.errors import UserError
 from tinylm.metrics_log import MetricsLog
-from tinylm.mfu import format_mfu, mfu, peak_flops
+from tinylm.mfu import cached_peak, format_mfu, mfu
 from tinylm.optim import check_state
 from tinylm.progress import RunReporter
 from tinylm.recipe import Recipe, check_model_fits
@@ -96,7 +96,7 @@ class Trainer:
         check_model_fits(recipe, self.shape, self.data.vocab_size)
         self.module = TrainModule(backend, self.shape, recipe.optim, self.cfg.dtype, objective, annotate)
         self.flops_per_token = model.flops_per_token(self.shape, self.cfg.seq_len)
-        self.peak = peak_flops(backend.device_name, self.cfg.dtype)
+        self.peak, _ = cached_peak(backend, self.cfg.dtype)
         self._tasks = None
         self._start(resume, allow_data_change)
 

@@ -93,6 +93,7 @@ def train(
         trainer = build_trainer(one, engine, resume=resume, allow_data_change=allow_data_change, reporter=reporter)
         summary = trainer.fit()
         reporter.say(f"done: {trainer.out} " + json.dumps({k: v for k, v in summary.items() if k != "phase"}))
+    engine.close()
 
 
 @app.command()
@@ -118,6 +119,7 @@ def run(
     engine = get_backend(name, dtype=recipe.train.dtype, compile=recipe.train.compile)
     reporter.say(f"backend: {name} on {engine.device_name} ({why})")
     results = run_recipe(recipe, engine, out, from_stage, only, reporter)
+    engine.close()
     if results:
         from tinylm.trainer import format_eval
 

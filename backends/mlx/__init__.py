@@ -190,6 +190,10 @@ class MLXBackend:
     def all_mean_scalar(self, x):
         return self.all_mean({"x": x})["x"]
 
+    def close(self) -> None:
+        """Every rank reaches this point before any exits (MLX's groups need no teardown)."""
+        self.barrier()
+
     def peak_memory_bytes(self) -> int | None:
         try:
             return int(mx.get_peak_memory())

@@ -3,6 +3,7 @@ or CPU. Parameters stay float32; the core casts them to the compute dtype inside
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import numpy as np
@@ -121,6 +122,9 @@ class TorchBackend:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not torch.distributed.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             torch.distributed.init_process_group(backend)
+            # A process that exits with its process group alive can abort in gloo's teardown (SIGABRT,
+            # "terminate called without an active exception"); `close` is the orderly way, this the fallback.
+            atexit.register(self._destroy_group)
             if torch.cuda.is_available():
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
                 torch.cuda.set_device(self.device)
@@ -229,6 +233,17 @@ class TorchBackend:
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
+
+    def close(self) -> None:
+        """End data parallelism in order: every rank reaches this point, then the process group goes."""
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            self._destroy_group()
+
+    @staticmethod
+    def _destroy_group() -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     def all_mean_scalar(self, x):
         return self.all_mean({"x": x.clone()})["x"]

@@ -38,6 +38,24 @@ def test_kv_cache_matches_full_recompute(ckpt, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_sampled_logprobs_equal_a_full_forward(ckpt, backend):
+    # Temperature and top-k shape what is drawn, not what is reported: the model's own log-softmax, which is
+    # what the GRPO objective computes for the same tokens.
+    lm, tok, _ = load_model(ckpt, backend)
+    prompts = [[0, 3, 9], [0, 11, 12, 13, 14, 15, 16, 17], [0, 200]]
+    cfg = SamplingConfig(max_tokens=10, temperature=0.8, top_k=40, seed=5)
+    stop = generate_ids(lm, tok, prompts, cfg)[0].tokens[3]
+    outs = generate_ids(lm, tok, prompts, cfg, stop_ids=[stop])
+    assert outs[0].stop_id == stop
+    for p, out in zip(prompts, outs):
+        row = np.array([p + out.tokens + ([out.stop_id] if out.stop_id is not None else [])])
+        ops, ids = lm.backend.ops, lm.backend.tokens(row)
+        nll = lm.backend.to_numpy({"x": model.token_losses(ops, lm.params, ids[:, :-1], ids[:, 1:], lm.shape)})["x"]
+        assert len(out.sampled_logprobs) == row.shape[1] - len(p)
+        np.testing.assert_allclose(out.sampled_logprobs, -nll[0, len(p) - 1:], atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_ragged_batch_equals_one_at_a_time(ckpt, backend):
     lm, tok, _ = load_model(ckpt, backend)
     prompts = [[0, 3, 9], [0, 11, 12, 13, 14, 15, 16, 17], [0, 200]]

@@ -144,6 +144,40 @@ def test_grouped_prefill_draws_what_a_plain_batch_draws(tmp_path, temperature):
         assert len({tuple(c.tokens) for c in grouped[:3]}) > 1  # a group's completions differ
 
 
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_rollout_old_logprobs_come_from_the_sampler(tmp_path, backend):
+    from types import SimpleNamespace
+
+    from tinylm.recipe import TrainConfig
+    from tinylm.rl import GRPOConfig, RLData
+
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    init = checkpoint.load(make_checkpoint(tmp_path / "m"), with_optimizer=False)
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": f"What is {a} plus {a}?", "answer": str(2 * a)}) + "\n"
+                             for a in (1, 23, 456)))
+    cfg = GRPOConfig(tasks=[f"qa:{tasks}"], prompts_per_step=3, num_generations=3, max_completion_length=10,
+                     temperature=0.7)
+    data = RLData(cfg, init, TrainConfig(), 1)
+    b = get_backend(backend)
+    module = TrainModule(b, init.shape, OptimConfig(), "float32", objectives.grpo(0.2, 0.2, 0.0))
+    full_pass, calls = module.token_losses, []
+    module.token_losses = lambda *args: calls.append(1) or full_pass(*args)
+    params = b.from_numpy(init.params)
+    data.attach(SimpleNamespace(backend=b, shape=init.shape, module=module, params=params, dtype="float32"))
+    batch, _ = data.rollout(params, 0)
+    assert calls == []  # no second forward pass over the sampled rows
+    on = batch["weights"] > 0
+    assert on.sum() >= 9
+    want = -full_pass(params, {"inputs": batch["inputs"], "targets": batch["targets"]})
+    np.testing.assert_allclose(batch["old_logprobs"][on], want[on], atol=1e-4)
+    # In a lower compute dtype the objective's own forward supplies them, so each batch's first ratio stays 1.
+    data.trainer.dtype = "bfloat16"
+    data.rollout(params, 0)
+    assert calls == [1]
+
+
 def _rl_recipe(tmp_path, init, grpo="", extra="", group=3):
     tasks = tmp_path / "tasks.jsonl"
     if not tasks.exists():

@@ -51,6 +51,10 @@ class Completion:
     """The stop token that ended it, if one did (it is not in `tokens`)."""
     logprobs: list[np.ndarray] = field(default_factory=list, repr=False)
     """The distribution each generated token was drawn from (only when asked for)."""
+    sampled_logprobs: list[float] = field(default_factory=list, repr=False)
+    """Log-probability of each drawn token, the stop token last if one ended it, under the distribution the
+    model reported before temperature, top-k and top-p (for one `Model`, the float32 log-softmax of its logits):
+    what a policy gradient needs as the sampling policy's log-probability, with no second forward pass."""
 
 
 class Model:
@@ -223,10 +227,12 @@ def generate_ids(
     shown = [0] * b
 
     logprobs, state = lm.start(tokens, keep if ragged else None)
-    for _ in range(cfg.max_tokens):
+    for n in range(cfg.max_tokens):
         nxt = sample(logprobs, cfg, rng)
+        chosen = logprobs[np.arange(b), nxt].tolist()
         for i in np.flatnonzero(~done):
             t = int(nxt[i])
+            out[i].sampled_logprobs.append(chosen[i])
             if t in stop_set:
                 done[i], out[i].finish_reason, out[i].stop_id = True, "stop", t
                 continue
@@ -242,7 +248,7 @@ def generate_ids(
             if on_text is not None and upto > shown[i]:
                 on_text(i, c.text[shown[i]:upto])
                 shown[i] = upto
-        if done.all():
+        if done.all() or n == cfg.max_tokens - 1:  # no decode step whose distribution nobody draws from
             break
         keep = np.concatenate([keep, np.ones((b, 1), dtype=bool)], axis=1) if ragged else None
         logprobs, state = lm.step(state, np.where(done, pad_id, nxt).astype(np.int64), keep)

@@ -3,8 +3,10 @@
 Each rollout batch takes `prompts_per_step` prompts, samples `num_generations` completions of each with the
 KV-cache generator (one batch; each prompt is prefilled once and its cache repeated for its group), and
 rewards them with the verifier `tinylm eval` scores with (exact match of the extracted final answer), plus an
-optional format reward. Advantages are group-relative; the loss normalisation (`grpo`, `dr_grpo`, `dapo`) is
-folded into per-token weights on the host, so `tinylm.objectives.grpo` is one pure function.
+optional format reward. The generator also returns each sampled token's log-probability, which serves as
+the sampling policy's `old_logprobs` without a second forward pass. Advantages are group-relative; the loss
+normalisation (`grpo`, `dr_grpo`, `dapo`) is folded into per-token weights on the host, so
+`tinylm.objectives.grpo` is one pure function.
 
 Exact resume: the rollouts of batch k are drawn with a sampler seeded by (train.seed, k) from the weights at
 the first step of that batch, and checkpoints fall only on rollout-batch boundaries (`train.ckpt_every` and
@@ -104,6 +106,23 @@ def token_weights(mask: np.ndarray, loss_type: str, max_completion_length: int) 
 
 def format_reward(text: str) -> float:
     return float(any(line.strip().startswith("####") for line in text.splitlines()))
+
+
+def pack_rollouts(prompt_ids: list[list[int]], outs: list, prompt_len: int, time: int, pad: int):
+    """Prompts and their sampled completions as training rows: (tokens (rows, time + 1), completion mask and
+    the sampler's log-probabilities of the completion tokens, both (rows, time) at the positions predicting
+    them; the stop token that ended a completion counts as one of its tokens)."""
+    tokens = np.full((len(outs), time + 1), pad, np.int64)
+    mask = np.zeros((len(outs), time), bool)
+    # Zero outside the completions: their weights are zero, and the ratio exp(logp - 0) there stays finite.
+    old = np.zeros((len(outs), time), np.float32)
+    for r, (ids, out) in enumerate(zip(prompt_ids, outs)):
+        ids = ids[-prompt_len:]
+        row = ids + out.tokens + ([out.stop_id] if out.stop_id is not None else [])
+        tokens[r, :len(row)] = row
+        mask[r, len(ids) - 1:len(row) - 1] = True
+        old[r, len(ids) - 1:len(row) - 1] = out.sampled_logprobs
+    return tokens, mask, old
 
 
 class GroupedPrefill:
@@ -227,29 +246,27 @@ class RLData:
         outs = generate_ids(lm, self.tok, [p.ids for p in prompts for _ in range(g)], sampling, self.stops,
                             self.pad)
         seconds = time.perf_counter() - start
-        tokens = np.full((self.rows, self.time + 1), self.pad, np.int64)
-        mask = np.zeros((self.rows, self.time), bool)
+        tokens, mask, old = pack_rollouts([p.ids for p in prompts for _ in range(g)], outs, self.prompt_len,
+                                          self.time, self.pad)
         rewards, correct, lengths, truncated = [], [], [], []
         for r, out in enumerate(outs):
             p = prompts[r // g]
-            ids = p.ids[-self.prompt_len:]
-            completion = out.tokens + ([out.stop_id] if out.stop_id is not None else [])
-            row = ids + completion
-            tokens[r, :len(row)] = row
             cut = out.finish_reason == "length"
-            if not (cut and cfg.mask_truncated_completions):
-                mask[r, len(ids) - 1:len(row) - 1] = True
+            if cut and cfg.mask_truncated_completions:
+                mask[r] = False
             ok = answers_match(extract_answer(out.text), p.answer)
             correct.append(ok)
             rewards.append(float(ok) + cfg.format_weight * format_reward(out.text))
-            lengths.append(len(completion))
+            lengths.append(len(out.sampled_logprobs))
             truncated.append(cut)
         rewards = np.asarray(rewards).reshape(-1, g)
         batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                  "advantages": np.repeat(group_advantages(rewards, cfg.scale_rewards).reshape(-1, 1), self.time,
                                          axis=1).astype(np.float32),
                  "weights": token_weights(mask, cfg.loss_type, cfg.max_completion_length).astype(np.float32)}
-        batch["old_logprobs"] = self.logprobs(params, batch)
+        # The sampler's float32 log-probabilities match the objective's float32 forward to ~1e-6; a lower
+        # compute dtype would put its rounding into every ratio, so there the objective's own forward gives them.
+        batch["old_logprobs"] = old if trainer.dtype == "float32" else self.logprobs(params, batch)
         if cfg.beta:
             batch["ref_logprobs"] = self.logprobs(self.ref_params, batch)
         metrics = {"reward": float(rewards.mean()), "accuracy": float(np.mean(correct)),

@@ -16,6 +16,8 @@ def test_precedence_cli_over_toml_over_defaults(tmp_path):
     r = recipes.load(path, ["train.steps=20", "optim.lr=1e-3", "optim.name=muon"])
     assert r.train.steps == 20 and r.train.seq_len == 32 and r.train.batch_size == 8
     assert r.optim.lr == 1e-3 and r.optim.name == "muon" and r.model.preset == "micro"
+    assert r.train.dtype == "float32"  # "auto" only where a recipe asks for it: tests stay exact fp32
+    assert recipes.load(path, ["train.dtype=auto"]).train.dtype == "auto"
 
 
 @pytest.mark.parametrize(
@@ -29,6 +31,8 @@ def test_precedence_cli_over_toml_over_defaults(tmp_path):
         ("[train]\nsteps = 0\n", [], "train.steps", "file"),
         ("[train]\nsteps = 5\n", ["train.ckpt_every=0"], "train.ckpt_every", "--set train.ckpt_every=0"),
         ("[optim]\nlr = nan\n", [], "optim.lr", "file"),
+        ("[train]\ndtype = \"fp8\"\n", [], "train.dtype", "file"),
+        ("", ["train.dtype=bf16"], "train.dtype", "--set train.dtype=bf16"),
     ],
 )
 def test_bad_keys_and_types_name_the_key_and_its_origin(tmp_path, text, overrides, needle, blamed):

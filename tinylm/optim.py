@@ -52,16 +52,15 @@ def uses_muon(cfg: OptimConfig, name: str) -> bool:
     return cfg.name == "muon" and is_matrix(name)
 
 
+def slots(cfg: OptimConfig, name: str) -> tuple[str, ...]:
+    """The state slots of parameter `name`, each of its shape: `exp_avg.<name>`, `exp_avg_sq.<name>` (AdamW) or
+    `momentum.<name>` (Muon)."""
+    return ("momentum." + name,) if uses_muon(cfg, name) else ("exp_avg." + name, "exp_avg_sq." + name)
+
+
 def init_state(ops, cfg: OptimConfig, params: dict) -> dict:
-    """Flat optimizer state: `exp_avg.<param>`, `exp_avg_sq.<param>` (AdamW) or `momentum.<param>` (Muon)."""
-    state = {}
-    for name, p in params.items():
-        if uses_muon(cfg, name):
-            state["momentum." + name] = ops.zeros_like(p)
-        else:
-            state["exp_avg." + name] = ops.zeros_like(p)
-            state["exp_avg_sq." + name] = ops.zeros_like(p)
-    return state
+    """Flat optimizer state: every slot of every parameter, zeros."""
+    return {slot: ops.zeros_like(p) for name, p in params.items() for slot in slots(cfg, name)}
 
 
 def global_norm(ops, grads: dict):
@@ -74,9 +73,10 @@ def global_norm(ops, grads: dict):
     return ops.sqrt(total)
 
 
-def clip_by_global_norm(ops, grads: dict, max_norm: float):
-    """Returns (clipped grads, norm before clipping)."""
-    norm = global_norm(ops, grads)
+def clip_by_global_norm(ops, grads: dict, max_norm: float, norm=None):
+    """Returns (clipped grads, norm before clipping). `norm`, if given, is the norm of the whole gradient that
+    `grads` is a part of (the tensors one rank updates under a sharded optimizer)."""
+    norm = global_norm(ops, grads) if norm is None else norm
     if max_norm <= 0:
         return grads, norm
     scale = ops.minimum(ops.scalar(1.0), max_norm / (norm + 1e-6))
@@ -122,12 +122,7 @@ def update(ops, cfg: OptimConfig, params: dict, grads: dict, state: dict, lr, st
 
 def check_state(cfg: OptimConfig, params: dict, state: dict, where: str) -> None:
     """A resumed optimizer state must hold exactly the slots this optimizer and model need."""
-    expected = set()
-    for name in params:
-        if uses_muon(cfg, name):
-            expected.add("momentum." + name)
-        else:
-            expected.update(("exp_avg." + name, "exp_avg_sq." + name))
+    expected = {slot for name in params for slot in slots(cfg, name)}
     if set(state) != expected:
         missing = sorted(expected - set(state))[:1] or sorted(set(state) - expected)[:1]
         raise UserError(f"{where}: optimizer state does not match optim.name={cfg.name!r} (first mismatch: {missing[0]})")

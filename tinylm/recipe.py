@@ -34,10 +34,20 @@ class TrainConfig:
     seed: int = 0
     """Seeds initialization and data sampling: the same seed gives the same run."""
     dtype: str = "float32"
-    """Compute dtype: float32, or bfloat16 (parameters and optimizer state stay float32)."""
+    """Compute dtype: float32, bfloat16, float16, or auto: bf16 where the device has it and it is faster (CUDA with
+    native bf16, MLX on a GPU, a CPU whose measured bf16 matmuls clearly beat fp32's), else float32. Parameters
+    and optimizer state stay float32. The default stays float32 so that runs are exact and repeatable anywhere."""
     compile: Optional[bool] = None
     """Compile the step: mx.compile on MLX, torch.compile on PyTorch (worth it for long GPU runs). Unset: the
     backend's choice, which is on for MLX (compiling costs it almost nothing) and off for PyTorch."""
+    loss_chunk: int = 0
+    """Tokens per chunk of the output head and its loss (every objective's, distillation's included): each
+    chunk's logits are made, used and remade in the backward pass, so the (tokens, vocabulary) logits, a
+    large-vocabulary model's biggest activation, never exist whole. Costs one more pass of the head's
+    forward; the losses agree with unchunked ones to float rounding. 0: all tokens at once."""
+    activation_checkpointing: bool = False
+    """Keep only each transformer block's input for the backward pass and recompute the rest there: less
+    memory for about one more forward pass of the blocks. Same losses and gradients."""
     log_every: int = 10
     """Steps between metric rows."""
     eval_every: int = 100
@@ -53,11 +63,18 @@ class TrainConfig:
     init_from: str = ""
     """Start from this checkpoint's weights and shape (fresh optimizer): mid-training, fine-tuning, or
     continuing an imported model. Its vocabulary must cover the data's tokenizer."""
+    bucket_mb: float = 25.0
+    """Data parallelism: gradients are averaged across ranks in flat buckets of up to this many megabytes (MiB),
+    one all-reduce each, filled in parameter-name order; 0: one all-reduce per tensor."""
+    shard_optimizer: bool = False
+    """Data parallelism: each parameter tensor is owned by one rank, which alone keeps its optimizer state and
+    computes its update, then broadcasts it (ZeRO stage 1: parameters and gradients stay whole on every rank).
+    Checkpoints hold the whole state, so a run resumes with any number of ranks, sharded or not."""
 
     def __post_init__(self):
         config.at_least(self, 1, "steps batch_size grad_accum seq_len log_every ckpt_every eval_rows")
-        config.at_least(self, 0, "eval_every keep_checkpoints seed")
-        config.one_of(self, "dtype", ("float32", "bfloat16", "float16"))
+        config.at_least(self, 0, "eval_every keep_checkpoints seed loss_chunk bucket_mb")
+        config.one_of(self, "dtype", ("float32", "bfloat16", "float16", "auto"))
 
     def rows_per_rank(self) -> int:
         """Sequences each rank trains on per optimizer step."""

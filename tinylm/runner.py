@@ -31,7 +31,8 @@ def stage_fingerprint(stage: Stage, previous: str) -> str:
     settings = to_dict(stage.recipe)
     for cosmetic in ("source", "name"):
         settings.pop(cosmetic, None)
-    for key in ("out", "log_every"):
+    # Neither where a stage writes nor how it spends memory makes its finished result stale.
+    for key in ("out", "log_every", "loss_chunk", "activation_checkpointing"):
         settings["train"].pop(key, None)
     blob = json.dumps({"objective": stage.objective, "settings": settings, "after": previous}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

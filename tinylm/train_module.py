@@ -9,23 +9,29 @@ from __future__ import annotations
 import numpy as np
 
 from tinylm import model, objectives, optim
+from tinylm.distributed import DataParallel
 from tinylm.model import ModelShape
 from tinylm.optim import OptimConfig
 
 
 class TrainModule:
-    def __init__(self, backend, shape: ModelShape, optim_cfg: OptimConfig, compute_dtype: str = "float32",
-                 objective=objectives.lm, annotate=None):
-        """`annotate(batch) -> dict`, if given, adds arrays to each backend batch before the gradient (a
-        teacher's log-probabilities for distillation); it runs outside autodiff."""
+    def __init__(self, backend, shape: ModelShape, optim_cfg: OptimConfig, compute: model.Compute | str = "float32",
+                 objective=objectives.lm, annotate=None, bucket_mb: float = 25.0, shard_optimizer: bool = False):
+        """`compute` is a `model.Compute`, or a dtype name for that dtype's plain computation. `annotate(batch)
+        -> dict`, if given, adds arrays to each backend batch before the gradient (a teacher's log-probabilities
+        for distillation); it runs outside autodiff. `bucket_mb` and `shard_optimizer`: see `tinylm.distributed`."""
+        if isinstance(compute, str):
+            compute = model.Compute(compute)
         self.backend = backend
         self.shape = shape
         self.optim_cfg = optim_cfg
         self.annotate = annotate
         ops = backend.ops
+        parallel = self.parallel = DataParallel(backend, model.param_shapes(shape), optim_cfg, bucket_mb,
+                                                shard_optimizer)
 
         def loss_fn(params, batch):
-            return objective(ops, params, batch, shape, compute_dtype)
+            return objective(ops, params, batch, shape, compute)
 
         fused = backend.fused_adamw(optim_cfg)
 
@@ -35,16 +41,18 @@ class TrainModule:
         update = fused or core_update
 
         def apply(params, state, grads, lr, step):
-            grads, norm = optim.clip_by_global_norm(ops, grads, optim_cfg.grad_clip)
-            params, state = update(params, grads, state, lr, step)
-            return params, state, norm
+            # Clipped by the norm of the whole gradient, whichever tensors this rank updates.
+            norm = optim.global_norm(ops, grads)
+            grads, _ = optim.clip_by_global_norm(ops, parallel.owned(grads), optim_cfg.grad_clip, norm)
+            updated, state = update(parallel.owned(params), grads, state, lr, step)
+            return {**params, **updated}, state, norm
 
         def token_losses(params, batch):
             tokens = batch["tokens"]
-            return model.token_losses(ops, params, tokens[:, :-1], tokens[:, 1:], shape, compute_dtype)
+            return model.token_losses(ops, params, tokens[:, :-1], tokens[:, 1:], shape, compute)
 
         def weighted_token_losses(params, batch):
-            return objectives.weighted_token_losses(ops, params, batch, shape, compute_dtype)
+            return objectives.weighted_token_losses(ops, params, batch, shape, compute)
 
         self._grad = backend.grad_step(loss_fn)
         self._apply = backend.pure_step(apply) if fused is None else apply  # a fused kernel runs as it is
@@ -64,7 +72,8 @@ class TrainModule:
         return out
 
     def init_state(self, params: dict) -> dict:
-        return optim.init_state(self.backend.ops, self.optim_cfg, params)
+        """Zero optimizer state for the parameters this rank updates (all of them unless sharded)."""
+        return optim.init_state(self.backend.ops, self.optim_cfg, self.parallel.owned(params))
 
     def loss_and_grads(self, params: dict, micro_batches: list):
         """Mean loss and mean gradient over micro-batches (gradient accumulation), averaged across ranks."""
@@ -78,13 +87,14 @@ class TrainModule:
             total = grads if total is None else {k: total[k] + g for k, g in grads.items()}
         n = float(len(micro_batches))
         grads = {k: g / n for k, g in total.items()}
-        return self.backend.all_mean_scalar(total_loss / n), self.backend.all_mean(grads)
+        return self.parallel.all_mean_scalar(total_loss / n), self.parallel.all_mean(grads)
 
     def step(self, params: dict, state: dict, micro_batches: list, lr: float, step: int):
         """One optimizer step; `step` is 1-based (AdamW's bias correction counts from 1)."""
         ops = self.backend.ops
         loss, grads = self.loss_and_grads(params, micro_batches)
         params, state, norm = self._apply(params, state, grads, ops.scalar(lr), ops.scalar(float(step)))
+        params = self.parallel.share_updates(params)
         self.backend.materialize((params, state, loss, norm))
         return params, state, self.backend.item(loss), self.backend.item(norm)
 

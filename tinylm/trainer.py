@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from tinylm import checkpoint, model, objectives
+from tinylm.backends import resolve_dtype
 from tinylm.config import to_dict
 from tinylm.data.mixture import resolve_phases
 from tinylm.data.prepare import open_prepared
@@ -94,9 +95,13 @@ class Trainer:
         else:
             self.shape = model.resolve(recipe.model, vocab_size=self.data.vocab_size)
         check_model_fits(recipe, self.shape, self.data.vocab_size)
-        self.module = TrainModule(backend, self.shape, recipe.optim, self.cfg.dtype, objective, annotate)
+        # "auto" as the CLI settled and announced it (settled here for a backend made without it).
+        self.dtype, _ = resolve_dtype(backend, self.cfg.dtype, self.shape, self.cfg.batch_size * self.cfg.seq_len)
+        compute = model.Compute(self.dtype, self.cfg.loss_chunk, self.cfg.activation_checkpointing)
+        self.module = TrainModule(backend, self.shape, recipe.optim, compute, objective, annotate,
+                                  bucket_mb=self.cfg.bucket_mb, shard_optimizer=self.cfg.shard_optimizer)
         self.flops_per_token = model.flops_per_token(self.shape, self.cfg.seq_len)
-        self.peak, _ = cached_peak(backend, self.cfg.dtype)
+        self.peak, _ = cached_peak(backend, self.dtype)
         self._tasks = None
         self._start(resume, allow_data_change)
 
@@ -113,8 +118,9 @@ class Trainer:
             if ckpt.optimizer is None:
                 raise UserError(f"{ckpt.path}: no optimizer state to resume from")
             self.params = self.backend.from_numpy(ckpt.params)
-            self.state = self.backend.from_numpy(ckpt.optimizer)
-            check_state(self.recipe.optim, self.params, self.state, str(ckpt.path))
+            check_state(self.recipe.optim, self.params, ckpt.optimizer, str(ckpt.path))
+            # A checkpoint holds the whole state; a rank of a sharded optimizer keeps its own slots.
+            self.state = self.backend.from_numpy(self.module.parallel.owned_state(ckpt.optimizer))
             self.step = ckpt.step
             self.reporter.say(f"resuming from {ckpt.path} at step {self.step}")
         else:
@@ -160,19 +166,21 @@ class Trainer:
                         chat=bool(self.extra_meta.get("chat")))
 
     def save(self) -> None:
+        state = self.module.parallel.full_state(self.params, self.state)  # every rank takes part
         if self.rank != 0:
             return
         meta = {
             "tokens": self.step * self.data.tokens_per_step,
             "seed": self.cfg.seed,
             "backend": self.backend.name,
+            "dtype": self.dtype,
             "model": self.shape.to_dict(),
             "config": to_dict(self.recipe),
             "data_fingerprint": self.data.fingerprint,
             "phase": self.data.phase_name(self.step),
             **self.extra_meta,
         }
-        checkpoint.save(self.out, self.step, self.backend.to_numpy(self.params), self.backend.to_numpy(self.state),
+        checkpoint.save(self.out, self.step, self.backend.to_numpy(self.params), state,
                         meta, tokenizer=self.data.tokenizer_path, keep=self.cfg.keep_checkpoints)
 
     def fit(self) -> dict:
@@ -198,7 +206,7 @@ class Trainer:
                 util = mfu(tps, self.flops_per_token, self.peak)
                 last = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": gnorm,
                         "tokens": self.step * self.data.tokens_per_step, "tokens_per_s": tps, "mfu": util,
-                        "phase": self.data.phase_name(self.step - 1)}
+                        "dtype": self.dtype, "phase": self.data.phase_name(self.step - 1)}
                 # A feed may report host-side numbers of the step (RL rewards, DPO reward margins).
                 extra = self.data.log_metrics(self.step - 1) if hasattr(self.data, "log_metrics") else {}
                 last.update(extra)

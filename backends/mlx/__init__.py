@@ -30,6 +30,7 @@ def _load_openblas() -> None:
 _load_openblas()
 
 import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -110,6 +111,38 @@ class MLXOps:
     def zeros_like(self, x):
         return mx.zeros_like(x)
 
+    def checkpoint(self, fn):
+        """`fn` made to keep only its arguments (arrays, or dicts and lists of them) for the backward pass and
+        recompute the rest there; only its arguments get gradients, so every array to differentiate must be
+        passed in, not closed over."""
+
+        @mx.custom_function
+        def run(*args):
+            return fn(*args)
+
+        @run.vjp
+        def run_vjp(primals, cotangents, outputs):
+            # Recomputed once the gradient arrives, not merely once the forward is done (mx.checkpoint's
+            # rule): calls that feed each other then recompute one at a time, not all as soon as they can.
+            def leaves(tree):
+                return [v for _, v in tree_flatten(tree)]
+
+            def like_primals(xs):  # leaves back into the arguments' structure (keys may hold dots)
+                it = iter(xs)
+                return tree_map(lambda _: next(it), list(primals))
+
+            _, grads = mx.vjp(lambda *xs: leaves(fn(*like_primals(xs))),
+                              mx.depends(leaves(list(primals)), leaves([outputs, cotangents])), leaves(cotangents))
+            # Handed on together, so that none is computed late and keeps the recomputation's memory alive.
+            return tuple(like_primals(mx.depends(grads, grads)))
+
+        return run
+
+
+def _split_like(flat, arrays: list) -> list:
+    offsets = np.cumsum([a.size for a in arrays])[:-1].tolist()
+    return [piece.reshape(a.shape) for piece, a in zip(mx.split(flat, offsets), arrays)]
+
 
 class MLXBackend:
     name = "mlx"
@@ -133,6 +166,12 @@ class MLXBackend:
             except AttributeError:
                 return "Apple GPU"
         return "cpu"
+
+    def auto_dtype(self) -> tuple[str, str]:
+        """(dtype, why) for `train.dtype = "auto"`: the device settles it, nothing to measure."""
+        if mx.default_device() == mx.gpu:
+            return "bfloat16", f"{self.device_name} computes bf16 natively"
+        return "float32", "MLX's bf16 matmul on a CPU is slower than fp32"
 
     def seed(self, seed: int) -> None:
         mx.random.seed(seed)
@@ -178,17 +217,30 @@ class MLXBackend:
     def rank(self) -> int:
         return self._group.rank() if self._group is not None else 0
 
-    def all_mean(self, grads: dict) -> dict:
-        if self.world_size == 1:
-            return grads
-        return {k: mx.distributed.all_sum(g, group=self._group) / self.world_size for k, g in grads.items()}
+    # Flat collectives over lists of arrays (see `tinylm.distributed`, which plans what goes in each list).
+    def all_sum_flat(self, arrays: list) -> list:
+        flat = mx.concatenate([a.reshape(-1) for a in arrays])
+        return _split_like(mx.distributed.all_sum(flat, group=self._group), arrays)
+
+    def broadcast_flat(self, arrays: list, src: int) -> list:
+        # mx.distributed has no broadcast: src's values summed with zeros from every other rank (x + 0 == x).
+        if self.rank != src:
+            arrays = [mx.zeros_like(a) for a in arrays]
+        return self.all_sum_flat(arrays)
+
+    def send_to_zero_flat(self, arrays: list, src: int) -> list:
+        """Every rank gets src's arrays (a broadcast), which includes rank 0."""
+        if src == 0:
+            return arrays
+        received = self.broadcast_flat(arrays, src)
+        # Evaluated now on every rank: the other ranks drop the result, and a collective left lazy never runs
+        # there, so rank 0 would wait for them forever.
+        mx.eval(received)
+        return received
 
     def barrier(self) -> None:
         if self.world_size > 1:
             mx.eval(mx.distributed.all_sum(mx.array(0.0), group=self._group))
-
-    def all_mean_scalar(self, x):
-        return self.all_mean({"x": x})["x"]
 
     def close(self) -> None:
         """Every rank reaches this point before any exits (MLX's groups need no teardown)."""
@@ -199,3 +251,8 @@ class MLXBackend:
             return int(mx.get_peak_memory())
         except AttributeError:
             return None
+
+    def reset_peak_memory(self) -> None:
+        """Start `peak_memory_bytes` afresh."""
+        if hasattr(mx, "reset_peak_memory"):
+            mx.reset_peak_memory()

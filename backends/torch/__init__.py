@@ -4,11 +4,13 @@ or CPU. Parameters stay float32; the core casts them to the compute dtype inside
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from tinylm.errors import UserError
 
@@ -108,6 +110,24 @@ class TorchOps:
     def zeros_like(self, x):
         return torch.zeros_like(x)
 
+    def checkpoint(self, fn):
+        """`fn` made to keep only its arguments for the backward pass and recompute the rest there."""
+        return functools.partial(torch.utils.checkpoint.checkpoint, fn, use_reentrant=False)
+
+
+def _flatten(arrays: list):
+    return torch.cat([a.reshape(-1) for a in arrays])
+
+
+def _empty_flat(arrays: list):
+    """A buffer that a collective fills: the size and dtype of `arrays` flattened."""
+    return torch.empty(sum(a.numel() for a in arrays), dtype=arrays[0].dtype, device=arrays[0].device)
+
+
+def _split_like(flat, arrays: list) -> list:
+    # Views into the buffer: no copy back.
+    return [piece.view(a.shape) for piece, a in zip(flat.split([a.numel() for a in arrays]), arrays)]
+
 
 class TorchBackend:
     name = "torch"
@@ -138,6 +158,16 @@ class TorchBackend:
         if self.device.type == "cuda":
             return torch.cuda.get_device_name(self.device)
         return "cpu"
+
+    def auto_dtype(self) -> tuple[str, str] | None:
+        """(dtype, why) for `train.dtype = "auto"` where the device settles it; None on a CPU, where only a
+        measurement tells whether bf16 matmuls are faster (AMX) or slower (emulated)."""
+        if self.device.type != "cuda":
+            return None
+        # Emulated bf16 (before compute capability 8) runs but is slower than fp32.
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bfloat16", f"{self.device_name} has native bf16"
+        return "float32", f"{self.device_name} has no native bf16"
 
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)
@@ -222,13 +252,26 @@ class TorchBackend:
     def rank(self) -> int:
         return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
-    def all_mean(self, grads: dict) -> dict:
-        if self.world_size == 1:
-            return grads
-        for g in grads.values():
-            torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.SUM)
-            g.div_(self.world_size)
-        return grads
+    # Flat collectives over lists of arrays (see `tinylm.distributed`, which plans what goes in each list).
+    def all_sum_flat(self, arrays: list) -> list:
+        flat = _flatten(arrays)
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        return _split_like(flat, arrays)
+
+    def broadcast_flat(self, arrays: list, src: int) -> list:
+        flat = _flatten(arrays) if self.rank == src else _empty_flat(arrays)
+        torch.distributed.broadcast(flat, src)
+        return _split_like(flat, arrays)
+
+    def send_to_zero_flat(self, arrays: list, src: int) -> list:
+        # Point to point: the ranks other than src and 0 take no part.
+        if self.rank == src and src != 0:
+            torch.distributed.send(_flatten(arrays), dst=0)
+        elif self.rank == 0 and src != 0:
+            flat = _empty_flat(arrays)
+            torch.distributed.recv(flat, src=src)
+            return _split_like(flat, arrays)
+        return arrays
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -245,10 +288,12 @@ class TorchBackend:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
-    def all_mean_scalar(self, x):
-        return self.all_mean({"x": x.clone()})["x"]
-
     def peak_memory_bytes(self) -> int | None:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated())
         return None
+
+    def reset_peak_memory(self) -> None:
+        """Start `peak_memory_bytes` afresh (a CPU's peak resident size cannot be reset)."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()

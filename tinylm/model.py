@@ -96,6 +96,22 @@ class ModelShape:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class Compute:
+    """How a loss is computed rather than what: the objectives hand it on to `per_token` untouched."""
+
+    dtype: str = "float32"
+    """Compute dtype of the forward and backward passes (parameters stay float32 outside the loss)."""
+    loss_chunk: int = 0
+    """Tokens per chunk of the output head and its loss, each chunk recomputed in the backward pass, so that
+    no (tokens, vocabulary) logits array exists whole; 0: all tokens at once."""
+    checkpoint_blocks: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them."""
+
+    def __post_init__(self):
+        config.at_least(self, 0, "loss_chunk")
+
+
 def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ModelShape:
     """Preset + overrides -> shape. `vocab_size` (from a tokenizer) applies when the recipe sets none."""
     if cfg.preset not in PRESETS:
@@ -205,14 +221,24 @@ def _mlp(ops, p, prefix, x):
     return ops.linear(gate * ops.linear(x, p[prefix + "up_proj.weight"]), p[prefix + "down_proj.weight"])
 
 
-def hidden_states(ops, params, tokens, shape: ModelShape, cache=None, mask="causal", positions=None):
+def _block(ops, p, prefix, x, shape: ModelShape, offset, mask, cache_entry, positions):
+    h = ops.rms_norm(x, p[prefix + "input_layernorm.weight"], shape.norm_eps)
+    attn, kv = _attention(ops, p, prefix + "self_attn.", h, shape, offset, mask, cache_entry, positions)
+    x = x + attn
+    h = ops.rms_norm(x, p[prefix + "post_attention_layernorm.weight"], shape.norm_eps)
+    return x + _mlp(ops, p, prefix + "mlp.", h), kv
+
+
+def hidden_states(ops, params, tokens, shape: ModelShape, cache=None, mask="causal", positions=None,
+                  checkpoint=False):
     """The final normed hidden states for `tokens` (batch, time): what the output head reads.
 
     With `cache` (a list with one (keys, values) pair per applied block, or an empty list to start one) the
     tokens continue the cached sequence and the updated cache is returned as well: `(hidden, cache)`.
     `mask` is "causal", None, or a backend boolean array broadcastable to (batch, heads, time, cached + time).
     `positions` (a backend integer array (batch, time)) gives each token its RoPE position; unset, positions
-    count from the cache's length. Packed rows restart them at 0 for every sequence they hold.
+    count from the cache's length. Packed rows restart them at 0 for every sequence they hold. `checkpoint`
+    recomputes each block in the backward pass (it has no effect with a cache).
     """
     offset = 0 if not cache else cache[0][0].shape[2]
     new_cache = [] if cache is not None else None
@@ -222,11 +248,13 @@ def hidden_states(ops, params, tokens, shape: ModelShape, cache=None, mask="caus
         prefix = f"layers.{i}."
         for _ in range(shape.block_repeats):
             entry = cache[applied] if cache else None
-            h = ops.rms_norm(x, params[prefix + "input_layernorm.weight"], shape.norm_eps)
-            attn, kv = _attention(ops, params, prefix + "self_attn.", h, shape, offset, mask, entry, positions)
-            x = x + attn
-            h = ops.rms_norm(x, params[prefix + "post_attention_layernorm.weight"], shape.norm_eps)
-            x = x + _mlp(ops, params, prefix + "mlp.", h)
+            if checkpoint and cache is None:
+                # The block's weights go in as arguments: MLX's checkpoint differentiates nothing it closes over.
+                block = ops.checkpoint(lambda x, p, prefix=prefix: _block(ops, p, prefix, x, shape, 0, mask, None,
+                                                                          positions)[0])
+                x = block(x, {k: v for k, v in params.items() if k.startswith(prefix)})
+            else:
+                x, kv = _block(ops, params, prefix, x, shape, offset, mask, entry, positions)
             if new_cache is not None:
                 new_cache.append(kv)
             applied += 1
@@ -254,9 +282,39 @@ def cast_params(ops, params, compute_dtype: str):
     return {k: ops.cast(v, compute_dtype) for k, v in params.items()}
 
 
-def token_losses(ops, params, inputs, targets, shape: ModelShape, compute_dtype: str = "float32", mask="causal",
+def chunked_head(ops, hidden, head, chunk: int, fn, arrays=()):
+    """`fn(hidden @ head.T, *arrays)` -> (batch, time) for `hidden` (batch, time, dim), each of `arrays`
+    (batch, time, ...) read per token beside its logits, `chunk` tokens at a time (0: all at once). `fn` must
+    work per token (a token's result depends on its own rows alone) and on logits of any rank."""
+    b, t = hidden.shape[0], hidden.shape[1]
+    if not chunk or chunk >= b * t:  # one chunk is the whole batch: nothing to gain from recomputing it
+        return fn(ops.linear(hidden, head), *arrays)
+    hidden = hidden.reshape(b * t, hidden.shape[-1])
+    arrays = [a.reshape((b * t,) + tuple(a.shape[2:])) for a in arrays]
+    out = []
+    for s in range(0, b * t, chunk):
+        rows = [a[s:s + chunk] for a in arrays]
+        # Kept for the backward pass: the chunk's hidden states and the head, not its (chunk, vocab) logits. The
+        # head passes through each chunk into the next, which orders the chunks (MLX would run them side by
+        # side, every chunk's logits at once) and adds up its gradient chunk by chunk, in reverse.
+        part = ops.checkpoint(lambda h, w, rows=rows: (fn(ops.linear(h, w), *rows), w))
+        losses, head = part(hidden[s:s + chunk], head)
+        out.append(losses)
+    return ops.concat(out, axis=0).reshape(b, t)
+
+
+def per_token(ops, params, inputs, shape: ModelShape, compute: Compute, fn, arrays=(), mask="causal",
+              positions=None):
+    """`chunked_head` of `inputs`' (batch, time) final hidden states, computed as `compute` says; `mask` and
+    `positions` as in `hidden_states`."""
+    params = cast_params(ops, params, compute.dtype)
+    hidden = hidden_states(ops, params, inputs, shape, mask=mask, positions=positions,
+                           checkpoint=compute.checkpoint_blocks)
+    return chunked_head(ops, hidden, output_head(params, shape), compute.loss_chunk, fn, arrays)
+
+
+def token_losses(ops, params, inputs, targets, shape: ModelShape, compute: Compute = Compute(), mask="causal",
                  positions=None):
     """Next-token cross-entropy (nats) of every position: `targets[b, t]` given `inputs[b, :t + 1]`, computed
-    in `compute_dtype`. `mask` and `positions` as in `hidden_states` (packed rows pass both)."""
-    params = cast_params(ops, params, compute_dtype)
-    return ops.cross_entropy(forward(ops, params, inputs, shape, mask=mask, positions=positions), targets)
+    as `compute` says. `mask` and `positions` as in `hidden_states` (packed rows pass both)."""
+    return per_token(ops, params, inputs, shape, compute, ops.cross_entropy, (targets,), mask, positions)

@@ -1,7 +1,8 @@
-"""Training objectives, each a pure function of (ops, params, batch, shape, compute_dtype) -> scalar loss.
+"""Training objectives, each a pure function of (ops, params, batch, shape, compute) -> scalar loss.
 
 Written once against the backend operations, like `tinylm.model`; `TrainModule` differentiates whichever one a
-stage names. A batch is a dict of backend arrays:
+stage names. `compute` (a `model.Compute`: dtype, loss chunking, block checkpointing) goes on to
+`model.per_token` as it came, so an objective never reads it. A batch is a dict of backend arrays:
 
 - `lm`: `tokens` (batch, time + 1), every next token counts equally.
 - `sft`: `inputs`, `targets` (batch, time), `weights` (batch, time) float, and from packing (see
@@ -22,26 +23,31 @@ stage names. A batch is a dict of backend arrays:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from tinylm import model
 
 
-def lm(ops, params, batch, shape, compute_dtype="float32"):
+PLAIN = model.Compute()
+"""float32, the whole batch's logits at once, no recomputation."""
+
+
+def lm(ops, params, batch, shape, compute=PLAIN):
     """Mean next-token cross-entropy (nats) over a (batch, time + 1) token array."""
     tokens = batch["tokens"]
-    return model.token_losses(ops, params, tokens[:, :-1], tokens[:, 1:], shape, compute_dtype).mean()
+    return model.token_losses(ops, params, tokens[:, :-1], tokens[:, 1:], shape, compute).mean()
 
 
-def weighted_token_losses(ops, params, batch, shape, compute_dtype="float32"):
+def weighted_token_losses(ops, params, batch, shape, compute=PLAIN):
     """Per-token cross-entropy of a packed batch (its mask and positions applied), before weighting."""
-    return model.token_losses(ops, params, batch["inputs"], batch["targets"], shape, compute_dtype,
+    return model.token_losses(ops, params, batch["inputs"], batch["targets"], shape, compute,
                               mask=batch.get("mask", "causal"), positions=batch.get("positions"))
 
 
-def sft(ops, params, batch, shape, compute_dtype="float32"):
+def sft(ops, params, batch, shape, compute=PLAIN):
     """Cross-entropy on the tokens the batch weights (the assistant's), summed with those weights."""
-    return (weighted_token_losses(ops, params, batch, shape, compute_dtype) * batch["weights"]).sum()
+    return (weighted_token_losses(ops, params, batch, shape, compute) * batch["weights"]).sum()
 
 
 @dataclass
@@ -79,13 +85,17 @@ def distill_terms(ops, logits, targets, teacher_logprobs, teacher_ids, temperatu
 def distill(cfg: DistillConfig):
     """The distillation objective for `cfg`: (1 - alpha) x CE + alpha x T^2 x KL, per token, weighted."""
 
-    def objective(ops, params, batch, shape, compute_dtype="float32"):
-        params = model.cast_params(ops, params, compute_dtype)
-        logits = model.forward(ops, params, batch["inputs"], shape, mask=batch.get("mask", "causal"), positions=batch.get("positions"))
-        ce, kl = distill_terms(ops, logits, batch["targets"], batch["teacher_logprobs"], batch.get("teacher_ids"),
+    def per_token(ops, logits, targets, teacher_logprobs, *teacher_ids):
+        ce, kl = distill_terms(ops, logits, targets, teacher_logprobs, teacher_ids[0] if teacher_ids else None,
                                cfg.temperature)
-        per_token = ce * (1.0 - cfg.alpha) + kl * (cfg.alpha * cfg.temperature**2)
-        return (per_token * batch["weights"]).sum()
+        return ce * (1.0 - cfg.alpha) + kl * (cfg.alpha * cfg.temperature**2)
+
+    def objective(ops, params, batch, shape, compute=PLAIN):
+        # The teacher's arrays go through `model.per_token` beside the logits, so loss chunking covers them.
+        arrays = [batch[k] for k in ("targets", "teacher_logprobs", "teacher_ids") if k in batch]
+        losses = model.per_token(ops, params, batch["inputs"], shape, compute, functools.partial(per_token, ops),
+                                 arrays, batch.get("mask", "causal"), batch.get("positions"))
+        return (losses * batch["weights"]).sum()
 
     return objective
 
@@ -101,8 +111,8 @@ def grpo(epsilon: float, epsilon_high: float, beta: float):
     (exp(ref - logp) - (ref - logp) - 1, per token). The normalisation (`grpo`, `dr_grpo`, `dapo`) is in the
     host-computed `weights`, so this one function serves every loss type."""
 
-    def objective(ops, params, batch, shape, compute_dtype="float32"):
-        logp = -weighted_token_losses(ops, params, batch, shape, compute_dtype)
+    def objective(ops, params, batch, shape, compute=PLAIN):
+        logp = -weighted_token_losses(ops, params, batch, shape, compute)
         ratio = ops.exp(logp - batch["old_logprobs"])
         advantages = batch["advantages"]
         per_token = -ops.minimum(ratio * advantages, _clip(ops, ratio, 1.0 - epsilon, 1.0 + epsilon_high) * advantages)
@@ -118,8 +128,8 @@ def dpo(beta: float):
     """Direct preference optimisation's sigmoid loss (Rafailov et al. 2023), per pair:
     -log sigmoid(beta x [(log pi(y+) - log ref(y+)) - (log pi(y-) - log ref(y-))])."""
 
-    def objective(ops, params, batch, shape, compute_dtype="float32"):
-        logps = -(weighted_token_losses(ops, params, batch, shape, compute_dtype) * batch["weights"]).sum(axis=-1)
+    def objective(ops, params, batch, shape, compute=PLAIN):
+        logps = -(weighted_token_losses(ops, params, batch, shape, compute) * batch["weights"]).sum(axis=-1)
         ratios = logps - batch["ref_logps"]
         n = ratios.shape[0] // 2
         z = (ratios[:n] - ratios[n:]) * beta

@@ -7,7 +7,7 @@ EXTRAS ?= torch,mlx,dev
 STAMP := .setup-stamp
 PYTEST := $(PYTHON) -m pytest -q -p no:cacheprovider
 
-.PHONY: setup quickstart test test-slow test-all bench clean
+.PHONY: setup quickstart test test-slow test-gpu test-all bench clean
 
 $(STAMP): pyproject.toml
 	@bash scripts/setup.sh "$(PYTHON)" "$(TORCH_SPEC)" "$(EXTRAS)"
@@ -18,11 +18,15 @@ setup: $(STAMP)
 quickstart: $(STAMP)
 	$(PYTHON) -m tinylm quickstart
 
+# GPU tests skip without CUDA; `make test-gpu` runs them alone, so test and test-slow leave them out.
 test: $(STAMP)
-	$(PYTEST) -m "not slow"
+	$(PYTEST) -m "not slow and not gpu"
 
 test-slow: $(STAMP)
-	$(PYTEST) -m slow
+	$(PYTEST) -m "slow and not gpu"
+
+test-gpu: $(STAMP)
+	$(PYTEST) -m gpu
 
 test-all: $(STAMP)
 	$(PYTEST)

@@ -21,3 +21,18 @@ def test_nanogpt_shape_row_and_its_baseline_start_from_the_same_loss_and_learn()
     row = bench._row("nanogpt-shape", "torch", backend.device_name, tps, 1e6, 1e11, "given", 1.0, losses)
     assert {"name", "backend", "device", "dtype", "tokens_per_s", "mfu", "peak_gflops", "peak_memory_mb",
             "losses"} <= set(row) and row["peak_gflops"] == 100.0
+
+
+def test_a_case_in_an_extra_dtype_gets_its_own_row_against_that_dtypes_peak(monkeypatch):
+    from tinylm.model import ModelConfig
+
+    assert bench.EXTRA_DTYPES[("torch", "mobilellm-125m")] == ("bfloat16",)  # the README's bf16/fp32 ratio
+    monkeypatch.setattr(bench, "CASES", (("micro", ModelConfig(preset="micro"), 32, 2, 1),))
+    monkeypatch.setattr(bench, "EXTRA_DTYPES", {("torch", "micro"): ("bfloat16",)})
+    peaks = {"float32": (1e11, "given"), "bfloat16": (4e11, "given")}
+    lines = []
+    rows = bench.case_rows(get_backend("torch"), "micro", peaks, lines.append)
+    assert [(r["name"], r["dtype"], r["peak_gflops"]) for r in rows] == [("micro", "float32", 100.0),
+                                                                       ("micro", "bfloat16", 400.0)]
+    assert abs(rows[1]["losses"][0] - rows[0]["losses"][0]) < 0.05  # the same weights and batch in either dtype
+    assert "bfloat16" in lines[1] and "x fp32" in lines[1]

@@ -3,7 +3,8 @@
 MFU needs a peak. On a device of the table in `tinylm.mfu` that is the data-sheet number; elsewhere (a CPU)
 the peak is measured here as the best of several large matmuls in the benchmark's dtype (and cached for the
 training logs), so the percentage says how much of what this machine can do the training step achieves. Losses are printed next to the
-speeds so that a faster configuration can be checked to compute the same thing.
+speeds so that a faster configuration can be checked to compute the same thing. A case run in bf16 as well
+(`EXTRA_DTYPES`) gets a row of its own, its MFU against the bf16 peak.
 """
 
 from __future__ import annotations
@@ -21,19 +22,22 @@ from tinylm.optim import OptimConfig
 from tinylm.train_module import TrainModule
 
 
-def train_throughput(backend, config: ModelConfig, seq_len: int, batch_size: int, steps: int):
-    """tokens/s of full optimizer steps (after one warm-up step) and the losses of every step."""
+def train_throughput(backend, config: ModelConfig, seq_len: int, batch_size: int, steps: int,
+                     dtype: model.Compute | str = "float32", warmup: int = 1):
+    """tokens/s of full optimizer steps computed as `dtype` (a dtype name or a `model.Compute`), after `warmup`
+    untimed steps, and the losses of every step."""
     shape = resolve(config)
-    module = TrainModule(backend, shape, OptimConfig(lr=1e-3))
+    backend.reset_peak_memory()
+    module = TrainModule(backend, shape, OptimConfig(lr=1e-3), dtype)
     params = backend.from_numpy(model.init_params(shape, 0))
     state = module.init_state(params)
     rows = np.random.default_rng(0).integers(0, shape.vocab_size, (batch_size, seq_len + 1))
     losses, elapsed = [], 0.0
-    for step in range(steps + 1):
+    for step in range(steps + warmup):
         t0 = time.perf_counter()
         params, state, loss, _ = module.step(params, state, [rows], 1e-3, step + 1)
         backend.sync()
-        if step:
+        if step >= warmup:
             elapsed += time.perf_counter() - t0
         losses.append(loss)
     tokens_per_s = steps * batch_size * seq_len / elapsed
@@ -41,11 +45,12 @@ def train_throughput(backend, config: ModelConfig, seq_len: int, batch_size: int
 
 
 def rollout_throughput(backend, preset: str = "tiny", prompts: int = 8, group: int = 8, prompt_len: int = 64,
-                       max_tokens: int = 64, vocab_size: int = 2048) -> dict:
-    """RL rollouts (grouped prefill, sampling, then the log-probability pass the objective needs) against
-    `tinylm generate`'s batched decoding of the same prompts, in generated tokens/s on the same model."""
+                       max_tokens: int = 64, vocab_size: int = 2048, repeats: int = 2) -> dict:
+    """RL rollouts as `tinylm.rl` draws them (grouped prefill, sampling, the training rows and the sampled
+    tokens' log-probabilities the objective needs) against `tinylm generate`'s batched decoding of the same
+    prompts, in generated tokens/s on the same model."""
     from tinylm.generate import Model, SamplingConfig, generate_ids
-    from tinylm.rl import GroupedPrefill
+    from tinylm.rl import GroupedPrefill, pack_rollouts
 
     class Ids:  # decoding needs only token ids here: no text, no stop strings
         def decode(self, ids, skip_special_tokens=False):
@@ -53,24 +58,39 @@ def rollout_throughput(backend, preset: str = "tiny", prompts: int = 8, group: i
 
     shape = resolve(ModelConfig(preset=preset, vocab_size=vocab_size))
     lm = Model(backend, shape, model.init_params(shape, 0))
-    module = TrainModule(backend, shape, OptimConfig())
     rng = np.random.default_rng(0)
     batch = [rng.integers(0, vocab_size, prompt_len).tolist() for _ in range(prompts) for _ in range(group)]
     cfg = SamplingConfig(max_tokens=max_tokens, temperature=1.0, seed=0)
     generate_ids(lm, Ids(), batch[:group], SamplingConfig(max_tokens=2))  # warm-up
-    t0 = time.perf_counter()
-    plain = generate_ids(lm, Ids(), batch, cfg)
-    generate_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    outs = generate_ids(GroupedPrefill(lm, group), Ids(), batch, cfg)
-    rows = np.array([p + o.tokens for p, o in zip(batch, outs)])
-    module.token_losses(lm.params, {"inputs": rows[:, :-1], "targets": rows[:, 1:]})
-    rollout_s = time.perf_counter() - t0
+    generate_s = rollout_s = float("inf")
+    # Interleaved, best of `repeats` each: whichever ran first in a process would otherwise pay its warm-up.
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plain = generate_ids(lm, Ids(), batch, cfg)
+        generate_s = min(generate_s, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        outs = generate_ids(GroupedPrefill(lm, group), Ids(), batch, cfg)
+        pack_rollouts(batch, outs, prompt_len, prompt_len + max_tokens - 1, 0)
+        rollout_s = min(rollout_s, time.perf_counter() - t0)
     tokens = sum(len(o.tokens) for o in plain)
     return {"preset": preset, "prompts": prompts, "group": group, "prompt_len": prompt_len,
             "max_tokens": max_tokens, "generate_tokens_per_s": round(tokens / generate_s, 1),
             "rollout_tokens_per_s": round(sum(len(o.tokens) for o in outs) / rollout_s, 1),
             "ratio": round(sum(len(o.tokens) for o in outs) / rollout_s / (tokens / generate_s), 3)}
+
+
+def rollouts(backends=("torch", "mlx"), echo=print) -> list[dict]:
+    """`rollout_throughput` on each backend alone (the rollout part of `make bench`), one line per backend."""
+    from tinylm.backends import get_backend
+
+    rows = []
+    for name in backends:
+        row = {"backend": name, **rollout_throughput(get_backend(name, "float32"))}
+        rows.append(row)
+        echo(f"  rollouts {name} {row['preset']} {row['prompts']}x{row['group']}: "
+             f"{row['rollout_tokens_per_s']:,.1f} tok/s vs generate {row['generate_tokens_per_s']:,.1f} tok/s "
+             f"({row['ratio']:.2f}x)")
+    return rows
 
 
 # (row name, model, sequence length, batch size, timed steps). `nanogpt-shape` is nanoGPT's CPU example
@@ -82,6 +102,15 @@ CASES = (
                                   vocab_size=65, qk_norm=False), 64, 12, 40),
     ("tiny", ModelConfig(preset="tiny", vocab_size=32000), 512, 8, 5),
     ("mobilellm-125m", ModelConfig(preset="mobilellm-125m", vocab_size=32000), 512, 2, 3),
+)
+# Cases measured again in another compute dtype, a row each, on the backends where that dtype can pay off:
+# bf16 on torch (AMX CPUs, GPUs). MLX's bf16 matmul on a Linux CPU is slower than its fp32.
+EXTRA_DTYPES = {("torch", "mobilellm-125m"): ("bfloat16",)}
+# On a CUDA device the cases above are too small to occupy it; these are sized for an 80-141 GB GPU and each
+# runs in fp32 (TF32 matmuls), in bf16, and in bf16 with the step compiled by torch.compile.
+GPU_CASES = (
+    ("mobilellm-125m-gpu", ModelConfig(preset="mobilellm-125m", vocab_size=32000), 2048, 16, 10),
+    ("mobilellm-r1-140m-gpu", ModelConfig(preset="mobilellm-r1-140m"), 2048, 8, 10),
 )
 
 
@@ -95,11 +124,65 @@ def _peak_memory_mb(backend) -> float:
     return round(peak / 2**20, 1)
 
 
-def _row(name, backend_name, device, tps, flops_per_token, peak, source, memory_mb, losses) -> dict:
-    return {"name": name, "backend": backend_name, "device": device, "dtype": "float32",
+def _row(name, backend_name, device, tps, flops_per_token, peak, source, memory_mb, losses,
+         dtype: str = "float32") -> dict:
+    return {"name": name, "backend": backend_name, "device": device, "dtype": dtype,
             "tokens_per_s": round(tps, 1), "mfu": round(tps * flops_per_token / peak, 4),
             "peak_gflops": round(peak / 1e9, 1), "peak_source": source, "peak_memory_mb": memory_mb,
             "losses": [round(v, 5) for v in losses]}
+
+
+def train_case(backend, row_name: str, dtype: str = "float32", peak: tuple[float, str] | None = None) -> dict:
+    """The `CASES` row `row_name` trained on `backend` in compute dtype `dtype`, its MFU against `peak`
+    ((FLOP/s, source); default: the cached peak of that dtype)."""
+    _, config, seq_len, batch, steps = next(case for case in CASES if case[0] == row_name)
+    peak_flops, source = peak or cached_peak(backend, dtype)
+    shape, tps, losses = train_throughput(backend, config, seq_len, batch, steps, dtype)
+    row = _row(row_name, backend.name, backend.device_name, tps, model.flops_per_token(shape, seq_len), peak_flops,
+               source, _peak_memory_mb(backend), losses, dtype)
+    row.update(seq_len=seq_len, batch_size=batch)
+    return row
+
+
+def gpu_rows(backend, peaks: dict, echo=print) -> list[dict]:
+    """`GPU_CASES` on a CUDA backend: per case an fp32 row, a bf16 row and a compiled bf16 row."""
+    from tinylm.backends import get_backend
+
+    compiled = get_backend("torch", "float32", compile=True)
+    rows = []
+    for row_name, config, seq_len, batch, steps in GPU_CASES:
+        case = []
+        for runner, dtype, tag in ((backend, "float32", ""), (backend, "bfloat16", ""),
+                                   (compiled, "bfloat16", "compiled")):
+            # A compiled step recompiles once when its step counter first changes: two more untimed steps.
+            shape, tps, losses = train_throughput(runner, config, seq_len, batch, steps, dtype, 3 if tag else 1)
+            peak, source = peaks[dtype]
+            row = _row(row_name, backend.name, backend.device_name, tps, model.flops_per_token(shape, seq_len),
+                       peak, source, _peak_memory_mb(runner), losses, dtype)
+            row.update(seq_len=seq_len, batch_size=batch, compiled=bool(tag))
+            case.append(row)
+            _say(row, echo, case[0] if len(case) > 1 else None)
+        rows.extend(case)
+    return rows
+
+
+def _say(row: dict, echo, fp32: dict | None = None) -> None:
+    versus = f"  ({row['tokens_per_s'] / fp32['tokens_per_s']:.2f}x fp32)" if fp32 else ""
+    dtype = row["dtype"] + ("+compile" if row.get("compiled") else "")
+    echo(f"  {row['name']:16s} {dtype:8s} seq {row['seq_len']}: {row['tokens_per_s']:9,.1f} tok/s  "
+         f"MFU {100 * row['mfu']:5.1f}%  losses {', '.join(f'{v:.4f}' for v in row['losses'])}{versus}")
+
+
+def case_rows(backend, row_name: str, peaks: dict | None = None, echo=print) -> list[dict]:
+    """A case's fp32 row, then a row per dtype `EXTRA_DTYPES` adds on this backend, each MFU against its own
+    dtype's peak (`peaks`: {dtype: (FLOP/s, source)}; default: measured afresh). `make bench` runs every case
+    this way; one case alone: `case_rows(get_backend("torch"), "mobilellm-125m")`."""
+    rows = []
+    for dtype in ("float32", *EXTRA_DTYPES.get((backend.name, row_name), ())):
+        peak = peaks[dtype] if peaks else cached_peak(backend, dtype, refresh=True)
+        rows.append(train_case(backend, row_name, dtype, peak))
+        _say(rows[-1], echo, rows[0] if len(rows) > 1 else None)
+    return rows
 
 
 def run(backends=("torch", "mlx"), out: str | Path = "bench.json", echo=print) -> dict:
@@ -108,31 +191,34 @@ def run(backends=("torch", "mlx"), out: str | Path = "bench.json", echo=print) -
     report = {"train": []}
     for name in backends:
         backend = get_backend(name, "float32")
-        peak, source = cached_peak(backend, "float32", refresh=True)
-        echo(f"{name} on {backend.device_name}: peak {peak / 1e9:,.0f} GFLOP/s ({source})")
+        on_cuda = name == "torch" and backend.device.type == "cuda"
+        extra = sorted({d for (b, _), dtypes in EXTRA_DTYPES.items() if b == name for d in dtypes})
+        peaks = {dtype: cached_peak(backend, dtype, refresh=True) for dtype in ["float32", *extra]}
+        for dtype, (peak, source) in peaks.items():
+            echo(f"{name} on {backend.device_name}: {dtype} peak {peak / 1e9:,.0f} GFLOP/s ({source})")
         for row_name, config, seq_len, batch, steps in CASES:
-            shape, tps, losses = train_throughput(backend, config, seq_len, batch, steps)
-            flops = model.flops_per_token(shape, seq_len)
-            row = _row(row_name, name, backend.device_name, tps, flops, peak, source, _peak_memory_mb(backend),
-                       losses)
-            row.update(seq_len=seq_len, batch_size=batch)
-            report["train"].append(row)
-            echo(f"  {row_name:16s} seq {seq_len}: {tps:9,.1f} tok/s  MFU {100 * row['mfu']:5.1f}%  "
-                 f"losses {', '.join(f'{v:.4f}' for v in losses)}")
+            rows = case_rows(backend, row_name, peaks, echo)
+            report["train"].extend(rows)
             if row_name == "nanogpt-shape" and name == "torch":
                 from tinylm.bench_baseline import baseline_throughput
 
                 base_tps, base_losses = baseline_throughput(steps=steps, **NANOGPT)
+                peak, source = peaks["float32"]
                 base = _row("nanogpt-shape-baseline", "torch (plain eager GPT)", backend.device_name, base_tps,
-                            flops, peak, source, _peak_memory_mb(backend), base_losses)
+                            model.flops_per_token(resolve(config), seq_len), peak, source,
+                            _peak_memory_mb(backend), base_losses)
                 base.update(seq_len=seq_len, batch_size=batch)
                 report["train"].append(base)
-                echo(f"  {'  plain eager GPT':16s} seq {seq_len}: {base_tps:9,.1f} tok/s  "
-                     f"(tinylm {tps / base_tps:.2f}x)")
-        row = {"backend": name, **rollout_throughput(backend)}
-        report.setdefault("rollouts", []).append(row)
-        echo(f"  rollouts {row['preset']} {row['prompts']}x{row['group']}: {row['rollout_tokens_per_s']:,.1f} tok/s "
-             f"vs generate {row['generate_tokens_per_s']:,.1f} tok/s ({row['ratio']:.2f}x)")
+                echo(f"  {'  plain eager GPT':25s} seq {seq_len}: {base_tps:9,.1f} tok/s  "
+                     f"(tinylm {rows[0]['tokens_per_s'] / base_tps:.2f}x)")
+        if on_cuda:
+            report["train"].extend(gpu_rows(backend, peaks, echo))
+        report.setdefault("rollouts", []).extend(rollouts([name], echo))
+    from tinylm import bench_memory
+
+    for name in backends:  # each case in a fresh process; on a GPU at the 8 x 2048 tokens of the issue's case
+        batch = 8 if name == "torch" and get_backend(name).device.type == "cuda" else bench_memory.BATCH_SIZE
+        report["train"].extend(bench_memory.rows((name,), echo, batch_size=batch))
     from tinylm.data import bench as data_bench
 
     report["data"] = data_bench.run(echo=True)

@@ -35,6 +35,19 @@ def _shape_for(recipe: recipes.Recipe) -> model.ModelShape:
     return shape
 
 
+def _engine(backend: str, recipe: recipes.Recipe, reporter):
+    """The backend a command trains on. Its pick and its compute dtype are said here, where `train.dtype = "auto"`
+    is settled for the whole run (sized by the recipe's model where a CPU measurement decides)."""
+    from tinylm.backends import get_backend, pick, resolve_dtype
+
+    name, why = pick(backend)
+    engine = get_backend(name, dtype=recipe.train.dtype, compile=recipe.train.compile,
+                         shape=model.resolve(recipe.model), rows=recipe.train.batch_size * recipe.train.seq_len)
+    reporter.say(f"backend: {name} on {engine.device_name} ({why})")
+    reporter.say(f"dtype: {engine.dtype} ({resolve_dtype(engine, recipe.train.dtype)[1]})")
+    return engine
+
+
 @app.command()
 def info(
     recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe TOML file."),
@@ -75,7 +88,6 @@ def train(
                                         "every stage in order; each writes its own folder under the run directory)."),
 ):
     """Train a model from a recipe: pretraining, mid-training, SFT or distillation stages."""
-    from tinylm.backends import get_backend, pick
     from tinylm.progress import RunReporter
     from tinylm.stages import build_trainer
 
@@ -84,9 +96,7 @@ def train(
     if stage is not None:
         stages = [recipes.pick_stage(stages, stage)]
     reporter = RunReporter(enabled=not quiet)
-    name, why = pick(backend)
-    engine = get_backend(name, dtype=recipe.train.dtype, compile=recipe.train.compile)
-    reporter.say(f"backend: {name} on {engine.device_name} ({why})")
+    engine = _engine(backend, recipe, reporter)
     for one in stages:
         if recipe.stages:
             reporter.say(f"stage {one.name} ({one.objective}) -> {one.out}")
@@ -107,7 +117,6 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ):
     """Run a whole recipe: data, every stage in order (skipping finished ones), evaluation and a report."""
-    from tinylm.backends import get_backend, pick
     from tinylm.progress import RunReporter
     from tinylm.runner import plan, run_stages
     from tinylm.runner import run as run_recipe
@@ -115,9 +124,7 @@ def run(
     recipe = recipes.load(recipe_path, set_)
     plan(run_stages(recipe, Path(out or recipe.train.out)), from_stage, only)  # stage names, before any work
     reporter = RunReporter(enabled=not quiet)
-    name, why = pick(backend)
-    engine = get_backend(name, dtype=recipe.train.dtype, compile=recipe.train.compile)
-    reporter.say(f"backend: {name} on {engine.device_name} ({why})")
+    engine = _engine(backend, recipe, reporter)
     results = run_recipe(recipe, engine, out, from_stage, only, reporter)
     engine.close()
     if results:

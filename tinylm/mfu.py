@@ -39,21 +39,48 @@ def peak_flops(device_name: str, dtype: str) -> float | None:
     return None
 
 
+def _best_seconds(backend, fn, repeats: int, budget: float = 0.0) -> float:
+    """Fastest of at least `repeats` timed calls of `fn` (more, up to 100, until `budget` seconds are spent: a
+    call of microseconds needs many tries to see its speed), after one untimed call that pays for first use."""
+    best, spent, i = float("inf"), 0.0, 0
+    while i <= repeats or (spent < budget and i <= 100):
+        t0 = time.perf_counter()
+        backend.materialize(fn())
+        backend.sync()
+        took = time.perf_counter() - t0
+        if i:
+            best, spent = min(best, took), spent + took
+        i += 1
+    return best
+
+
+def _operands(backend, rows: int, inner: int, out: int, rng) -> tuple:
+    """A (rows, inner) input and an (out, inner) weight, float32, on the backend's device."""
+    arrays = backend.from_numpy({"x": rng.standard_normal((rows, inner), dtype=np.float32),
+                                 "w": rng.standard_normal((out, inner), dtype=np.float32)})
+    return arrays["x"], arrays["w"]
+
+
 def measured_matmul_peak(backend, dtype: str = "float32", sizes=(512, 1024, 2048), repeats: int = 3) -> float:
     """Best FLOP/s of square matmuls in `dtype` through the backend's own linear op, over a few sizes."""
-    rng = np.random.default_rng(0)
-    best = 0.0
+    rng, ops, best = np.random.default_rng(0), backend.ops, 0.0
     for n in sizes:
-        arrays = backend.from_numpy({"a": rng.standard_normal((n, n), dtype=np.float32),
-                                     "b": rng.standard_normal((n, n), dtype=np.float32)})
-        a, b = (backend.ops.cast(arrays[k], dtype) for k in ("a", "b"))
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            out = backend.ops.linear(a, b)
-            backend.materialize(out)
-            backend.sync()
-            best = max(best, 2.0 * n**3 / (time.perf_counter() - t0))
+        a, b = (ops.cast(x, dtype) for x in _operands(backend, n, n, n, rng))
+        best = max(best, 2.0 * n**3 / _best_seconds(backend, lambda: ops.linear(a, b), repeats))
     return best
+
+
+def bf16_matmul_speedup(backend, shapes, repeats: int = 3) -> float:
+    """float32 time over bfloat16 time of the matmuls `shapes` ((rows, inner, out) each) taken together. The
+    bf16 side casts its float32 weight each time, as a training step casts the parameters."""
+    rng, ops = np.random.default_rng(0), backend.ops
+    fp32 = bf16 = 0.0
+    for shape in shapes:
+        x, w = _operands(backend, *shape, rng)
+        x16 = ops.cast(x, "bfloat16")
+        fp32 += _best_seconds(backend, lambda: ops.linear(x, w), repeats, budget=0.05)
+        bf16 += _best_seconds(backend, lambda: ops.linear(x16, ops.cast(w, "bfloat16")), repeats, budget=0.05)
+    return fp32 / bf16
 
 
 def _cache_path() -> Path:
@@ -61,27 +88,25 @@ def _cache_path() -> Path:
     return Path(root) / "peaks.json"
 
 
-def _machine_key(backend, dtype: str) -> str:
+def _machine_key(backend, what: str) -> str:
     # The processor and the thread count decide a CPU's peak; the host name keeps shared home folders apart.
     threads = os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count())
     return "|".join([platform.node(), platform.processor() or platform.machine(), backend.name,
-                     backend.device_name, dtype, threads])
+                     backend.device_name, what, threads])
 
 
-def cached_peak(backend, dtype: str, refresh: bool = False) -> tuple[float, str]:
-    """(peak FLOP/s, where it comes from) for the backend's device: the data sheet, else a cached measurement."""
-    sheet = peak_flops(backend.device_name, dtype)
-    if sheet:
-        return sheet, "data sheet"
-    path, key = _cache_path(), _machine_key(backend, dtype)
+def cached_measurement(backend, what: str, measure, refresh: bool = False) -> tuple[float, bool]:
+    """(value, whether it came from the cache) of a positive number `measure()` gives for this machine and
+    backend, kept in the cache file under `what` (a dtype for a peak) so that it is measured once."""
+    path, key = _cache_path(), _machine_key(backend, what)
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
     if not refresh and isinstance(cache.get(key), (int, float)) and cache[key] > 0:
-        return float(cache[key]), f"measured {dtype} matmul (cached)"
-    peak = measured_matmul_peak(backend, dtype)
-    cache[key] = peak
+        return float(cache[key]), True
+    value = measure()
+    cache[key] = value
     try:  # a read-only home folder costs a re-measurement next time, nothing more
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -89,7 +114,16 @@ def cached_peak(backend, dtype: str, refresh: bool = False) -> tuple[float, str]
         os.replace(tmp, path)
     except OSError:
         pass
-    return peak, f"measured {dtype} matmul"
+    return value, False
+
+
+def cached_peak(backend, dtype: str, refresh: bool = False) -> tuple[float, str]:
+    """(peak FLOP/s, where it comes from) for the backend's device: the data sheet, else a cached measurement."""
+    sheet = peak_flops(backend.device_name, dtype)
+    if sheet:
+        return sheet, "data sheet"
+    peak, cached = cached_measurement(backend, dtype, lambda: measured_matmul_peak(backend, dtype), refresh)
+    return peak, f"measured {dtype} matmul" + (" (cached)" if cached else "")
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None) -> float | None:

@@ -91,7 +91,7 @@ def write_report(recipe: Recipe, stages: list[Stage], root: Path) -> Path:
         lines += [f"## Stage `{stage.name}` ({stage.objective})", "",
                   f"- settings: {r.train.steps if stage.objective != 'sft' else status.get('steps', '?')} steps of "
                   f"{r.train.batch_size * r.train.grad_accum} x {r.train.seq_len} tokens, {r.optim.name} at lr "
-                  f"{r.optim.lr:g}, {r.schedule.name} schedule, {r.train.dtype}",
+                  f"{r.optim.lr:g}, {r.schedule.name} schedule, {last.get('dtype', r.train.dtype)}",
                   f"- tokens: {_fmt(status.get('tokens'), ',')}; time: {_fmt(status.get('seconds'), '.0f')} s; "
                   f"tokens/s: {_fmt(last.get('tokens_per_s'), ',.0f')}; MFU: {_fmt(last.get('mfu'), '.1%')}",
                   f"- final train loss: {_fmt(last.get('loss'), '.4f')}; validation loss: "

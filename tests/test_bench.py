@@ -1,6 +1,12 @@
 """`make bench` rows: the nanoGPT-shape row and its plain-PyTorch baseline measure the same task."""
 
 import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
 
 from tinylm import bench
 from tinylm.backends import get_backend
@@ -36,3 +42,29 @@ def test_a_case_in_an_extra_dtype_gets_its_own_row_against_that_dtypes_peak(monk
                                                                        ("micro", "bfloat16", 400.0)]
     assert abs(rows[1]["losses"][0] - rows[0]["losses"][0]) < 0.05  # the same weights and batch in either dtype
     assert "bfloat16" in lines[1] and "x fp32" in lines[1]
+
+
+@pytest.mark.slow
+def test_a_compiled_case_gets_its_own_row_with_the_same_losses(monkeypatch):
+    from tinylm.model import ModelConfig
+
+    monkeypatch.setattr(bench, "CASES", (("micro", ModelConfig(preset="micro"), 32, 2, 2),))
+    monkeypatch.setattr(bench, "EXTRA_DTYPES", {})
+    monkeypatch.setattr(bench, "COMPILED", {("torch", "micro")})
+    rows = bench.case_rows(get_backend("torch"), "micro", {"float32": (1e11, "given")}, lambda line: None)
+    assert [(r["dtype"], r["compiled"]) for r in rows] == [("float32", False), ("float32", True)]
+    # Two more untimed steps for the compiled row; the first two losses come from the same weights and batch.
+    assert len(rows[1]["losses"]) == len(rows[0]["losses"]) + 2
+    assert abs(rows[1]["losses"][1] - rows[0]["losses"][1]) < 1e-4
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_a_childs_peak_memory_leaves_out_its_parents():
+    # getrusage's maxrss would report the parent's 400 MB peak in the child, which is how a memory row once
+    # showed 5.9 GB for a case that takes 1.7.
+    block = np.ones(400 * 2**20 // 8)
+    block[::512] += 1  # touch every page
+    del block
+    code = "from tinylm.bench import _resident_peak_bytes as f; print(f())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(child.stdout) < 300 * 2**20

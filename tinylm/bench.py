@@ -106,6 +106,9 @@ CASES = (
 # Cases measured again in another compute dtype, a row each, on the backends where that dtype can pay off:
 # bf16 on torch (AMX CPUs, GPUs). MLX's bf16 matmul on a Linux CPU is slower than its fp32.
 EXTRA_DTYPES = {("torch", "mobilellm-125m"): ("bfloat16",)}
+# Cases measured again with the step compiled by torch.compile (`train.compile = true`), a row each: the small
+# ones, where per-operation overhead rules. MLX compiles its step by default.
+COMPILED = {("torch", "nanogpt-shape"), ("torch", "tiny")}
 # On a CUDA device the cases above are too small to occupy it; these are sized for an 80-141 GB GPU and each
 # runs in fp32 (TF32 matmuls), in bf16, and in bf16 with the step compiled by torch.compile.
 GPU_CASES = (
@@ -118,10 +121,23 @@ def _peak_memory_mb(backend) -> float:
     """The backend's peak allocation where it keeps one (CUDA, MLX); else this process's peak resident size."""
     peak = backend.peak_memory_bytes()
     if peak is None:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+        peak = _resident_peak_bytes()
     return round(peak / 2**20, 1)
+
+
+def _resident_peak_bytes() -> int:
+    """This process's peak resident size. Linux's VmHWM counts from this program's start; `getrusage`'s maxrss
+    keeps the peak of the process that started it across exec, so a child would show its parent's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux, bytes on macOS
 
 
 def _row(name, backend_name, device, tps, flops_per_token, peak, source, memory_mb, losses,
@@ -132,15 +148,22 @@ def _row(name, backend_name, device, tps, flops_per_token, peak, source, memory_
             "losses": [round(v, 5) for v in losses]}
 
 
-def train_case(backend, row_name: str, dtype: str = "float32", peak: tuple[float, str] | None = None) -> dict:
+def train_case(backend, row_name: str, dtype: str = "float32", peak: tuple[float, str] | None = None,
+               compiled: bool = False) -> dict:
     """The `CASES` row `row_name` trained on `backend` in compute dtype `dtype`, its MFU against `peak`
-    ((FLOP/s, source); default: the cached peak of that dtype)."""
+    ((FLOP/s, source); default: the cached peak of that dtype); `compiled`: on a torch.compile'd copy of the
+    backend, after two more untimed steps (compilation, and one recompilation when the step counter changes)."""
     _, config, seq_len, batch, steps = next(case for case in CASES if case[0] == row_name)
     peak_flops, source = peak or cached_peak(backend, dtype)
-    shape, tps, losses = train_throughput(backend, config, seq_len, batch, steps, dtype)
+    runner = backend
+    if compiled:
+        from tinylm.backends import get_backend
+
+        runner = get_backend(backend.name, "float32", compile=True)
+    shape, tps, losses = train_throughput(runner, config, seq_len, batch, steps, dtype, 3 if compiled else 1)
     row = _row(row_name, backend.name, backend.device_name, tps, model.flops_per_token(shape, seq_len), peak_flops,
                source, _peak_memory_mb(backend), losses, dtype)
-    row.update(seq_len=seq_len, batch_size=batch)
+    row.update(seq_len=seq_len, batch_size=batch, compiled=compiled)
     return row
 
 
@@ -175,12 +198,16 @@ def _say(row: dict, echo, fp32: dict | None = None) -> None:
 
 def case_rows(backend, row_name: str, peaks: dict | None = None, echo=print) -> list[dict]:
     """A case's fp32 row, then a row per dtype `EXTRA_DTYPES` adds on this backend, each MFU against its own
-    dtype's peak (`peaks`: {dtype: (FLOP/s, source)}; default: measured afresh). `make bench` runs every case
-    this way; one case alone: `case_rows(get_backend("torch"), "mobilellm-125m")`."""
+    dtype's peak (`peaks`: {dtype: (FLOP/s, source)}; default: measured afresh), then a compiled fp32 row where
+    `COMPILED` asks for one. `make bench` runs every case this way; one case alone:
+    `case_rows(get_backend("torch"), "mobilellm-125m")`."""
+    variants = [(dtype, False) for dtype in ("float32", *EXTRA_DTYPES.get((backend.name, row_name), ()))]
+    if (backend.name, row_name) in COMPILED:
+        variants.append(("float32", True))
     rows = []
-    for dtype in ("float32", *EXTRA_DTYPES.get((backend.name, row_name), ())):
+    for dtype, compiled in variants:
         peak = peaks[dtype] if peaks else cached_peak(backend, dtype, refresh=True)
-        rows.append(train_case(backend, row_name, dtype, peak))
+        rows.append(train_case(backend, row_name, dtype, peak, compiled))
         _say(rows[-1], echo, rows[0] if len(rows) > 1 else None)
     return rows
 

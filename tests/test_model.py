@@ -57,3 +57,20 @@ def test_every_preset_resolves():
     for name in PRESETS:
         shape = resolve(ModelConfig(preset=name))
         assert shape.dim == shape.n_heads * shape.head_dim
+
+
+def test_torch_cross_entropy_and_its_gradient_equal_pytorchs_own():
+    torch = pytest.importorskip("torch")
+    from tinylm.backends.torch import TorchOps
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(2, 5, 300, generator=gen)).requires_grad_(True)
+    targets = torch.randint(0, 300, (2, 5), generator=gen)
+    weights = torch.rand(2, 5, generator=gen)  # a weighted sum, as SFT and RL take it
+    ours = TorchOps(torch.device("cpu")).cross_entropy(logits, targets)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+    theirs = torch.nn.functional.cross_entropy(logits.reshape(-1, 300), targets.reshape(-1), reduction="none")
+    (grad_theirs,) = torch.autograd.grad((theirs.reshape(2, 5) * weights).sum(), logits)
+    assert ours.shape == (2, 5)
+    assert torch.allclose(ours, theirs.reshape(2, 5), atol=1e-5)
+    assert torch.allclose(grad_ours, grad_theirs, atol=1e-6)

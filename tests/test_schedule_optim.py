@@ -98,3 +98,13 @@ def test_fused_adamw_kernel_matches_the_core_rule():
     (plain_losses, plain), (fused_losses, fused_params) = results
     assert np.allclose(plain_losses, fused_losses, atol=1e-5)
     assert max(np.abs(plain[k] - fused_params[k]).max() for k in plain) < 1e-5
+
+
+def test_torch_uses_the_fused_adamw_kernel_by_default():
+    pytest.importorskip("torch")
+    from tinylm.backends.torch import TorchBackend
+    from tinylm.optim import OptimConfig
+
+    assert TorchBackend().fused_adamw(OptimConfig(name="adamw")) is not None
+    assert TorchBackend(fused_adamw=False).fused_adamw(OptimConfig(name="adamw")) is None
+    assert TorchBackend().fused_adamw(OptimConfig(name="muon")) is None  # Muon keeps the core rule

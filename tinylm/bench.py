@@ -148,44 +148,39 @@ def _row(name, backend_name, device, tps, flops_per_token, peak, source, memory_
             "losses": [round(v, 5) for v in losses]}
 
 
-def train_case(backend, row_name: str, dtype: str = "float32", peak: tuple[float, str] | None = None,
-               compiled: bool = False) -> dict:
-    """The `CASES` row `row_name` trained on `backend` in compute dtype `dtype`, its MFU against `peak`
-    ((FLOP/s, source); default: the cached peak of that dtype); `compiled`: on a torch.compile'd copy of the
+def _measure(backend, case: tuple, dtype: str, peak: tuple[float, str], compiled: bool = False) -> dict:
+    """The row of `case` ((name, model, seq_len, batch, steps), as in `CASES`) trained on `backend` in compute
+    dtype `dtype`, its MFU against `peak` ((FLOP/s, source)); `compiled`: on a torch.compile'd copy of the
     backend, after two more untimed steps (compilation, and one recompilation when the step counter changes)."""
-    _, config, seq_len, batch, steps = next(case for case in CASES if case[0] == row_name)
-    peak_flops, source = peak or cached_peak(backend, dtype)
+    name, config, seq_len, batch, steps = case
     runner = backend
     if compiled:
         from tinylm.backends import get_backend
 
         runner = get_backend(backend.name, "float32", compile=True)
     shape, tps, losses = train_throughput(runner, config, seq_len, batch, steps, dtype, 3 if compiled else 1)
-    row = _row(row_name, backend.name, backend.device_name, tps, model.flops_per_token(shape, seq_len), peak_flops,
-               source, _peak_memory_mb(backend), losses, dtype)
+    row = _row(name, backend.name, backend.device_name, tps, model.flops_per_token(shape, seq_len), *peak,
+               _peak_memory_mb(runner), losses, dtype)
     row.update(seq_len=seq_len, batch_size=batch, compiled=compiled)
     return row
 
 
+def train_case(backend, row_name: str, dtype: str = "float32", peak: tuple[float, str] | None = None,
+               compiled: bool = False) -> dict:
+    """`_measure` of the `CASES` row `row_name`; `peak` defaults to the cached peak of `dtype`."""
+    case = next(case for case in CASES if case[0] == row_name)
+    return _measure(backend, case, dtype, peak or cached_peak(backend, dtype), compiled)
+
+
 def gpu_rows(backend, peaks: dict, echo=print) -> list[dict]:
     """`GPU_CASES` on a CUDA backend: per case an fp32 row, a bf16 row and a compiled bf16 row."""
-    from tinylm.backends import get_backend
-
-    compiled = get_backend("torch", "float32", compile=True)
     rows = []
-    for row_name, config, seq_len, batch, steps in GPU_CASES:
-        case = []
-        for runner, dtype, tag in ((backend, "float32", ""), (backend, "bfloat16", ""),
-                                   (compiled, "bfloat16", "compiled")):
-            # A compiled step recompiles once when its step counter first changes: two more untimed steps.
-            shape, tps, losses = train_throughput(runner, config, seq_len, batch, steps, dtype, 3 if tag else 1)
-            peak, source = peaks[dtype]
-            row = _row(row_name, backend.name, backend.device_name, tps, model.flops_per_token(shape, seq_len),
-                       peak, source, _peak_memory_mb(runner), losses, dtype)
-            row.update(seq_len=seq_len, batch_size=batch, compiled=bool(tag))
-            case.append(row)
-            _say(row, echo, case[0] if len(case) > 1 else None)
-        rows.extend(case)
+    for case in GPU_CASES:
+        first = None
+        for dtype, compiled in (("float32", False), ("bfloat16", False), ("bfloat16", True)):
+            rows.append(_measure(backend, case, dtype, peaks[dtype], compiled))
+            _say(rows[-1], echo, first)
+            first = first or rows[-1]
     return rows
 
 
@@ -216,9 +211,10 @@ def run(backends=("torch", "mlx"), out: str | Path = "bench.json", echo=print) -
     from tinylm.backends import get_backend
 
     report = {"train": []}
+    on_cuda = {}
     for name in backends:
         backend = get_backend(name, "float32")
-        on_cuda = name == "torch" and backend.device.type == "cuda"
+        on_cuda[name] = name == "torch" and backend.device.type == "cuda"
         extra = sorted({d for (b, _), dtypes in EXTRA_DTYPES.items() if b == name for d in dtypes})
         peaks = {dtype: cached_peak(backend, dtype, refresh=True) for dtype in ["float32", *extra]}
         for dtype, (peak, source) in peaks.items():
@@ -238,13 +234,13 @@ def run(backends=("torch", "mlx"), out: str | Path = "bench.json", echo=print) -
                 report["train"].append(base)
                 echo(f"  {'  plain eager GPT':25s} seq {seq_len}: {base_tps:9,.1f} tok/s  "
                      f"(tinylm {rows[0]['tokens_per_s'] / base_tps:.2f}x)")
-        if on_cuda:
+        if on_cuda[name]:
             report["train"].extend(gpu_rows(backend, peaks, echo))
         report.setdefault("rollouts", []).extend(rollouts([name], echo))
     from tinylm import bench_memory
 
     for name in backends:  # each case in a fresh process; on a GPU at the 8 x 2048 tokens of the issue's case
-        batch = 8 if name == "torch" and get_backend(name).device.type == "cuda" else bench_memory.BATCH_SIZE
+        batch = 8 if on_cuda[name] else bench_memory.BATCH_SIZE
         report["train"].extend(bench_memory.rows((name,), echo, batch_size=batch))
     from tinylm.data import bench as data_bench
 

@@ -85,9 +85,10 @@ class TrainModule:
             loss, grads = self._grad(params, batch)
             total_loss = loss if total_loss is None else total_loss + loss
             total = grads if total is None else {k: total[k] + g for k, g in grads.items()}
-        n = float(len(micro_batches))
-        grads = {k: g / n for k, g in total.items()}
-        return self.parallel.all_mean_scalar(total_loss / n), self.parallel.all_mean(grads)
+        n = len(micro_batches)
+        if n > 1:  # one micro-batch's gradient is its mean already: no pass over every tensor to divide by 1
+            total_loss, total = total_loss / n, {k: g / n for k, g in total.items()}
+        return self.parallel.all_mean_scalar(total_loss), self.parallel.all_mean(total)
 
     def step(self, params: dict, state: dict, micro_batches: list, lr: float, step: int):
         """One optimizer step; `step` is 1-based (AdamW's bias correction counts from 1)."""

@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-VERSION = 1
+VERSION = 2
 """Bumped whenever a generator's output changes, so prepared data made with the old one is rebuilt."""
 
 TEST_PERCENT = 10
@@ -61,43 +61,74 @@ def _finish(lines: list[str], answer) -> str:
     return "\n".join(lines + [f"{ANSWER_PREFIX}{answer}"])
 
 
+# Every worked operation goes column by column, so each step is a one-digit fact plus a carry or a borrow and
+# a small model never has to produce a multi-digit result in one go. The columns run from the ones up for
+# +, - and x (where the carry moves) and from the left for / (where the remainder moves).
+
+def _digits(n: int) -> list[int]:
+    return [int(c) for c in reversed(str(n))]
+
+
+def _add_columns(a: int, b: int) -> list[str]:
+    da, db, carry, cols = _digits(a), _digits(b), 0, []
+    for i in range(max(len(da), len(db))):
+        x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
+        total = x + y + carry
+        cols.append(f"{x} + {y}{' + 1' if carry else ''} = {total}")
+        carry = total // 10
+    return cols
+
+
+def _sub_columns(a: int, b: int) -> list[str]:
+    da, db, borrow, cols = _digits(a), _digits(b), 0, []
+    for i, x in enumerate(da):
+        y = db[i] if i < len(db) else 0
+        value = x - y - borrow
+        step = f"{x} - {y}{' - 1' if borrow else ''}"
+        borrow = int(value < 0)
+        cols.append(f"{step}{' + 10' if borrow else ''} = {value + 10 * borrow}")
+    return cols
+
+
+def _mul_columns(a: int, b: int) -> list[str]:
+    carry, cols = 0, []
+    for x in _digits(a):
+        product = x * b + carry
+        cols.append(f"{x} x {b}{f' + {carry}' if carry else ''} = {product}")
+        carry = product // 10
+    return cols
+
+
+def _div_columns(a: int, b: int) -> list[str]:
+    rest, cols = 0, []
+    for x in str(a):
+        current = rest * 10 + int(x)
+        quotient, rest = divmod(current, b)
+        if cols or quotient:
+            cols.append(f"{current} / {b} = {quotient}{f' r {rest}' if rest else ''}")
+    return cols
+
+
+_COLUMNS = {"+": (_add_columns, lambda a, b: a + b), "-": (_sub_columns, lambda a, b: a - b),
+            "x": (_mul_columns, lambda a, b: a * b), "/": (_div_columns, lambda a, b: a // b)}
+
+
+def worked(a: int, op: str, b: int) -> str:
+    """`a op b` worked out, e.g. "67 + 78: 7 + 8 = 15, 6 + 7 + 1 = 14, so 145"; one-column sums stay plain.
+
+    `x` and `/` take a one-digit `b`; `/` expects `b` to divide `a`.
+    """
+    columns, result = _COLUMNS[op]
+    cols = columns(a, b)
+    if len(cols) == 1:
+        return f"{a} {op} {b} = {result(a, b)}"
+    return f"{a} {op} {b}: {', '.join(cols)}, so {result(a, b)}"
+
+
 # --- arithmetic -------------------------------------------------------------------------------------------
 
 def _digits_for(difficulty: int) -> int:
     return 1 + max(1, min(difficulty, 5))
-
-
-def _column_add(a: int, b: int) -> list[str]:
-    lines, carry, place = [], 0, 0
-    names = ["ones", "tens", "hundreds", "thousands", "ten thousands", "hundred thousands", "millions"]
-    x, y = a, b
-    while x or y or carry:
-        da, db = x % 10, y % 10
-        total = da + db + carry
-        extra = f" + {carry} carried" if carry else ""
-        new_carry = total // 10
-        step = f"{names[min(place, len(names) - 1)].capitalize()}: {da} + {db}{extra} = {total}, write {total % 10}"
-        lines.append(step + (f", carry {new_carry}." if new_carry else "."))
-        carry, x, y, place = new_carry, x // 10, y // 10, place + 1
-    return lines
-
-
-def _column_sub(a: int, b: int) -> list[str]:
-    lines, borrow, place = [], 0, 0
-    names = ["ones", "tens", "hundreds", "thousands", "ten thousands", "hundred thousands", "millions"]
-    x, y = a, b
-    while x:
-        da, db = x % 10, y % 10
-        top = da - borrow
-        name = names[min(place, len(names) - 1)].capitalize()
-        if top < db:
-            lines.append(f"{name}: {top} is less than {db}, borrow 1 to make {top + 10}; {top + 10} - {db} = {top + 10 - db}.")
-            borrow = 1
-        else:
-            lines.append(f"{name}: {top} - {db} = {top - db}.")
-            borrow = 0
-        x, y, place = x // 10, y // 10, place + 1
-    return lines
 
 
 def arithmetic(rng: random.Random, difficulty: int) -> Problem:
@@ -106,22 +137,23 @@ def arithmetic(rng: random.Random, difficulty: int) -> Problem:
     a = rng.randrange(10 ** (digits - 1), 10**digits)
     if op == "*":
         b = rng.randrange(2, 10 ** max(1, digits // 2))
-        lines = []
-        partials = []
-        for place, d in enumerate(reversed(str(b))):
-            part = a * int(d) * 10**place
+        lines, partials = [], []
+        for place, d in enumerate(_digits(b)):
+            if d == 0:
+                continue
+            part = a * d * 10**place
             partials.append(part)
-            lines.append(f"{a} x {int(d) * 10**place} = {part}.")
-        if len(partials) > 1:
-            lines.append(f"Add the parts: {' + '.join(map(str, partials))} = {a * b}.")
+            lines.append(f"{worked(a, 'x', d)}." + (f" Then {a * d} x {10**place} = {part}." if place else ""))
+        total = partials[0]
+        for part in partials[1:]:
+            lines.append(f"Add the parts: {worked(total, '+', part)}.")
+            total += part
         return Problem(f"What is {a} x {b}?", _finish(lines, a * b), str(a * b), "arithmetic")
     b = rng.randrange(10 ** (digits - 1), 10**digits)
     if op == "-":
         a, b = max(a, b), min(a, b)
-        lines = _column_sub(a, b) + [f"So {a} - {b} = {a - b}."]
-        return Problem(f"What is {a} - {b}?", _finish(lines, a - b), str(a - b), "arithmetic")
-    lines = _column_add(a, b) + [f"So {a} + {b} = {a + b}."]
-    return Problem(f"What is {a} + {b}?", _finish(lines, a + b), str(a + b), "arithmetic")
+    return Problem(f"What is {a} {op} {b}?", _finish([f"{worked(a, op, b)}."], _COLUMNS[op][1](a, b)),
+                   str(_COLUMNS[op][1](a, b)), "arithmetic")
 
 
 # --- counting ---------------------------------------------------------------------------------------------

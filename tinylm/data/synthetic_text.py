@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from tinylm.data.synthetic import Problem, _finish
+from tinylm.data.synthetic import Problem, _finish, worked
 
 NAMES = ["Mia", "Leo", "Ava", "Noah", "Zara", "Omar", "Lena", "Ravi", "Ines", "Kofi", "Yuki", "Sam", "Nora", "Tomas",
          "Priya", "Jonah", "Elif", "Marco", "Hana", "Diego", "Amara", "Felix", "Suki", "Ben", "Chloe", "Idris", "Maya",
@@ -17,57 +17,61 @@ GOODS = [("pen", 2, 6), ("notebook", 3, 9), ("sandwich", 4, 12), ("ticket", 5, 2
          ("kite", 7, 30), ("scarf", 8, 35), ("lamp", 12, 60), ("puzzle", 9, 40), ("mug", 3, 15)]
 
 
-def _add(rng, name, friend, item, have, big):
-    b = rng.randint(2, big)
+# Word problems keep every operand between 2 and 99 and work each operation out column by column.
+
+def _add(rng, name, friend, item, have):
+    b = rng.randint(2, 99)
     text = rng.choice([f"{name} buys {b} more {item}.", f"{friend} gives {name} {b} {item}.",
                        f"Then {name} finds {b} {item} {rng.choice(PLACES)}.", f"Later, {name} gets {b} extra {item}."])
-    return text, f"{name} has {have} + {b} = {have + b} {item}.", have + b
+    return text, f"{worked(have, '+', b)}.", have + b
 
 
-def _sub(rng, name, friend, item, have, big):
-    b = rng.randint(1, max(1, min(big, have - 1)))
+def _sub(rng, name, friend, item, have):
+    b = rng.randint(2, min(99, have - 2))
     text = rng.choice([f"{name} gives {b} {item} to {friend}.", f"{name} loses {b} {item} on the way home.",
                        f"{name} uses {b} {item} for a school project.", f"{friend} borrows {b} of the {item}."])
-    return text, f"{name} has {have} - {b} = {have - b} {item} left.", have - b
+    return text, f"{worked(have, '-', b)}.", have - b
 
 
-def _mul(rng, name, friend, item, have, big):
-    b = rng.randint(2, 4)
+def _mul(rng, name, friend, item, have):
+    b = rng.randint(2, 5)
     text = rng.choice([f"By the end of the month the number of {item} is {b} times as large.",
                        f"{name} then collects enough {item} to have {b} times as many."])
-    return text, f"{b} times as many is {have} x {b} = {have * b} {item}.", have * b
+    return text, f"{worked(have, 'x', b)}.", have * b
 
 
-def _div(rng, name, friend, item, have, big):
-    divisors = [d for d in range(2, 10) if have % d == 0]
-    if not divisors:
-        return _add(rng, name, friend, item, have, big)
-    b = rng.choice(divisors)
+def _div(rng, name, friend, item, have):
+    b = rng.choice([d for d in range(2, 10) if have % d == 0 and have // d >= 2])
     text = rng.choice([f"{name} splits the {item} equally into {b} bags and keeps only one bag.",
                        f"{name} shares the {item} equally among {b} children, {name} included, and keeps one share."])
-    return text, f"One share is {have} / {b} = {have // b} {item}.", have // b
+    return text, f"{worked(have, '/', b)}.", have // b
+
+
+def _allowed(have: int) -> list:
+    ops = [_add] if have + 2 <= 999 else []
+    if have >= 4:
+        ops.append(_sub)
+    if have <= 99:
+        ops.append(_mul)
+    if any(have % d == 0 and have // d >= 2 for d in range(2, 10)):
+        ops.append(_div)
+    return ops
 
 
 def _inventory(rng: random.Random, difficulty: int) -> Problem:
     name, friend = rng.sample(NAMES, 2)
     item = rng.choice(ITEMS)
-    big = 5 * 2**difficulty
-    have = rng.randint(3, big)
+    have = rng.randint(2, 99)
     story = [rng.choice([f"{name} has {have} {item}.", f"{name} starts the week with {have} {item}.",
                          f"There are {have} {item} in {name}'s box."])]
     lines = []
-    ops = [_add, _sub, _mul, _div]
-    for _ in range(difficulty + 1):
-        op = rng.choice(ops if have < 500 else [_sub, _div])
-        if op is _sub and have < 3:
-            op = _add
-        text, line, have = op(rng, name, friend, item, have, big)
+    for _ in range(max(2, difficulty)):
+        text, line, have = rng.choice(_allowed(have))(rng, name, friend, item, have)
         story.append(text)
         lines.append(line)
     question = rng.choice([f"How many {item} does {name} have now?", f"How many {item} does {name} end up with?",
                            f"At the end, how many {item} does {name} have?"])
-    prompt = " ".join(story + [question])
-    return Problem(prompt, _finish(lines, have), str(have), "word_problems")
+    return Problem(" ".join(story + [question]), _finish(lines, have), str(have), "word_problems")
 
 
 def _plural(word: str) -> str:
@@ -75,30 +79,37 @@ def _plural(word: str) -> str:
 
 
 def _shopping(rng: random.Random, difficulty: int) -> Problem:
+    """Goods at a price each, then the total or the change: two operations at difficulty 2, more above."""
     name = rng.choice(NAMES)
-    kinds = rng.sample(GOODS, min(len(GOODS), 1 + (difficulty + 1) // 2))
-    parts, lines, total = [], [], 0
+    wants_change = rng.random() < 0.5
+    kinds = rng.sample(GOODS, max(1, difficulty - 1) if wants_change else max(2, difficulty))
+    parts, lines, costs = [], [], []
     for good, low, high in kinds:
-        count = rng.randint(2, 2 + difficulty * 2)
+        count = rng.randint(2, 9)
         price = rng.randint(low, high)
         parts.append(f"{count} {_plural(good)} at ${price} each")
-        lines.append(f"{count} {_plural(good)} cost {count} x {price} = ${count * price}.")
-        total += count * price
+        lines.append(f"{count} {_plural(good)} cost {worked(price, 'x', count)} dollars.")
+        costs.append(price * count)
+    total = sum(costs)
     bought = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
-    if len(kinds) > 1:
-        costs = " + ".join(line.split("= $")[1].rstrip(".") for line in lines)
-        lines.append(f"Altogether {name} spends {costs} = ${total}.")
-    if difficulty >= 2 and rng.random() < 0.6:
-        paid = (total // 50 + 1) * 50
-        lines.append(f"The change from ${paid} is {paid} - {total} = ${paid - total}.")
+    if len(costs) > 1:
+        running = costs[0]
+        for cost in costs[1:]:
+            lines.append(f"Altogether {worked(running, '+', cost)} dollars.")
+            running += cost
+    if wants_change and total < 90:
+        paid = rng.randrange(total // 10 * 10 + 10, 100, 10)
+        lines.append(f"The change from {paid} dollars is {worked(paid, '-', total)} dollars.")
         prompt = f"{name} buys {bought}, and pays with ${paid}. How much change does {name} get, in dollars?"
         return Problem(prompt, _finish(lines, paid - total), str(paid - total), "word_problems")
+    if len(costs) == 1:
+        return _inventory(rng, difficulty)
     prompt = f"{name} buys {bought}. How much does {name} spend in total, in dollars?"
     return Problem(prompt, _finish(lines, total), str(total), "word_problems")
 
 
 def word_problems(rng: random.Random, difficulty: int) -> Problem:
-    """Multi-step word problems in GSM8K's format; `difficulty` sets the number of steps and operand size."""
+    """GSM8K-style problems of `max(2, difficulty)` or more operations on operands from 2 to 99."""
     return _inventory(rng, difficulty) if rng.random() < 0.65 else _shopping(rng, difficulty)
 
 

@@ -28,6 +28,32 @@ def test_buckets_fill_in_name_order_up_to_the_cap_and_never_mix_dtypes():
     assert bucket_plan(tensors, 10**6) == [["a", "b", "big", "c"], ["h"]]
     # The plan depends on names and sizes, not on the order a rank's dict happens to be in.
     assert bucket_plan(dict(reversed(tensors.items())), 100) == bucket_plan(tensors, 100)
+    # Gradient buckets follow an order given (backward's), still one dtype each and capped.
+    assert bucket_plan(tensors, 100, order=["c", "b", "big", "a", "h"]) == [["c", "b"], ["big"], ["a"], ["h"]]
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "mlx"])
+def test_gradient_hooks_see_every_gradient_as_returned(backend_name):
+    """What the reducer receives during backward is each parameter's whole gradient (tied embeddings: both uses)."""
+    pytest.importorskip("mlx.core" if backend_name == "mlx" else "torch")
+    import numpy as np
+
+    from tinylm import model, objectives
+    from tinylm.backends import get_backend
+    from tinylm.model import ModelConfig, resolve
+
+    backend = get_backend(backend_name, "float32")
+    shape = resolve(ModelConfig(preset="micro", vocab_size=64))
+    assert shape.tie_embeddings
+    params = backend.from_numpy(model.init_params(shape, 0))
+    tokens = backend.tokens(np.random.default_rng(0).integers(0, 64, (2, 9)))
+    step = backend.grad_step(lambda p, b: objectives.lm(backend.ops, p, b, shape, model.Compute("float32")))
+    seen = {}
+    _, grads = step(params, {"tokens": tokens}, on_grad=seen.__setitem__)
+    assert list(seen)[-1] == "embed_tokens.weight" or backend_name == "mlx"
+    assert set(seen) == set(grads)
+    for name, g in backend.to_numpy(grads).items():
+        assert np.array_equal(backend.to_numpy({"g": seen[name]})["g"], g), name
 
 
 def test_each_tensor_has_one_owner_and_the_load_is_balanced():
@@ -104,10 +130,23 @@ def per_tensor_sum(x):  # the reference: one all-reduce per tensor, as before bu
 mine = arrays_of(rank)
 dp = DataParallel(backend, shapes, cfg, bucket_mb=300 / 2**20, shard_optimizer=True)
 assert world == 2 and len(dp.buckets(mine)) > 1
-bucketed = backend.to_numpy(dp.all_mean(backend.from_numpy(mine)))
+# Gradients arrive in backward's order, not the plan's; the reduced ones equal per-tensor all-reduces.
+assert len(dp.backward_buckets) > 1
+reducer = dp.reducer(None, 1)
+for n in ("gain", "norm", "w", "embed", "q"):
+    reducer.add(n, backend.from_numpy(mine)[n])
+bucketed = backend.to_numpy(reducer.result())
 reference = backend.to_numpy({n: per_tensor_sum(x) / world for n, x in backend.from_numpy(mine).items()})
 for n in shapes:
     assert np.array_equal(bucketed[n], reference[n]), n
+# With accumulation: the earlier micro-batches' sum is added, then the mean over micro-batches taken.
+earlier = backend.from_numpy({n: x * 3 for n, x in mine.items()})
+reducer = dp.reducer(earlier, 2)
+for n in shapes:
+    reducer.add(n, backend.from_numpy(mine)[n])
+accumulated = backend.to_numpy(reducer.result())
+for n in shapes:
+    assert np.allclose(accumulated[n], reference[n] * 2, rtol=1e-6), n
 
 shared = backend.to_numpy(dp.share_updates(backend.from_numpy(mine)))
 for n in shapes:

@@ -1,14 +1,20 @@
 """Data parallelism written once: gradient buckets and a sharded optimizer, over a backend's flat collectives.
 
-A backend supplies three collectives, each over a list of arrays that it flattens into one 1-D buffer,
+A backend supplies four collectives, each over a list of arrays that it flattens into one 1-D buffer,
 communicates and splits back into arrays of the same shapes. Every rank calls each of them, in the same order:
 
     all_sum_flat(arrays)            every rank gets the element-wise sum over ranks
+    all_sum_flat_async(arrays)      the same, started now; returns a function that waits and gives the result
     broadcast_flat(arrays, src)     every rank gets src's arrays (elsewhere only the shapes count)
     send_to_zero_flat(arrays, src)  rank 0 gets src's arrays (what the others get back is not used)
 
 Which tensors travel together, and which rank updates which tensor, is decided here from names and sizes alone,
 so every rank (on either backend) computes the same plan without talking to the others.
+
+Gradients are reduced while the backward pass still runs, as PyTorch's DDP does: the backend hands each
+parameter's gradient to a `GradReducer` as soon as it is computed, and a bucket's all-reduce starts
+asynchronously once all its gradients are in. Those buckets follow the model's parameters in reverse, the order
+backward produces them in, and launch in that order on every rank (collectives must match across ranks).
 
 The sharded optimizer (ZeRO stage 1): each parameter tensor is owned by one rank, which alone keeps its optimizer
 state and computes its update; whole tensors, so Muon still orthogonalizes whole matrices. Gradients are still
@@ -24,15 +30,16 @@ from tinylm import optim
 from tinylm.optim import OptimConfig
 
 
-def bucket_plan(tensors: dict[str, tuple[int, str]], cap_bytes: int) -> list[list[str]]:
-    """Names (`name -> (bytes, dtype)`) in sorted order, cut into buckets of one dtype and at most `cap_bytes`.
+def bucket_plan(tensors: dict[str, tuple[int, str]], cap_bytes: int, order: list[str] | None = None) -> list[list[str]]:
+    """Names (`name -> (bytes, dtype)`) in `order` (else sorted), cut into buckets of one dtype and at most
+    `cap_bytes`.
 
-    A tensor larger than the cap travels alone; a cap of 0 gives one bucket per tensor. Sorted names make the
-    plan the same on every rank whatever order its dicts are in.
+    A tensor larger than the cap travels alone; a cap of 0 gives one bucket per tensor. Sorted names, or an order
+    every rank derives from the model, make the plan the same on every rank whatever order its dicts are in.
     """
     buckets: list[list[str]] = []
     open_bucket: dict[str, tuple[int, int]] = {}  # dtype -> (index of the bucket being filled, its bytes)
-    for name in sorted(tensors):
+    for name in order or sorted(tensors):
         nbytes, dtype = tensors[name]
         index, used = open_bucket.get(dtype, (-1, 0))
         if index < 0 or used + nbytes > cap_bytes:
@@ -67,6 +74,13 @@ class DataParallel:
         self.sharded = shard_optimizer and self.world > 1
         self.owners = owner_plan({n: math.prod(s) for n, s in param_shapes.items()}, self.world)
         self._buckets: dict[tuple[str, ...], list[list[str]]] = {}
+        # Gradients are float32 like the master weights they belong to.
+        self.backward_buckets = bucket_plan({n: (4 * math.prod(s), "float32") for n, s in param_shapes.items()},
+                                            self.cap_bytes, order=list(reversed(param_shapes)))
+
+    def reducer(self, earlier: dict | None, micro_batches: int) -> "GradReducer | None":
+        """What collects the last micro-batch's gradients (None with one rank: nothing to reduce)."""
+        return GradReducer(self, earlier, micro_batches) if self.world > 1 else None
 
     def buckets(self, arrays: dict) -> list[list[str]]:
         """The bucket plan of this set of tensors, computed on first use and reused every step after."""
@@ -75,16 +89,6 @@ class DataParallel:
             self._buckets[key] = bucket_plan({n: (a.nbytes, str(a.dtype)) for n, a in arrays.items()},
                                              self.cap_bytes)
         return self._buckets[key]
-
-    def all_mean(self, grads: dict) -> dict:
-        """The mean over ranks of each array, in buckets of `train.bucket_mb`."""
-        if self.world == 1:
-            return grads
-        summed = {}
-        for names in self.buckets(grads):
-            summed.update(zip(names, self.backend.all_sum_flat([grads[n] for n in names])))
-        # Sum, then divide: the same rounding as an all-reduce per tensor.
-        return {n: summed[n] / self.world for n in grads}
 
     def all_mean_scalar(self, x):
         return x if self.world == 1 else self.backend.all_sum_flat([x])[0] / self.world
@@ -129,3 +133,40 @@ class DataParallel:
         if self.rank:
             return None
         return {slot: full[slot] for n in params for slot in optim.slots(self.optim_cfg, n)}
+
+
+class GradReducer:
+    """The mean gradient over ranks, reduced bucket by bucket while the backward pass runs.
+
+    `add(name, grad)` takes the last micro-batch's gradient of one parameter; it adds the sum of the earlier
+    micro-batches' (`earlier`) and divides by their count, the same operations in the same order as without
+    overlap, so the result is the same to the bit. A bucket starts its all-reduce when it is whole and every
+    bucket before it has started.
+    """
+
+    def __init__(self, parallel: DataParallel, earlier: dict | None, micro_batches: int):
+        self.parallel, self.earlier, self.micro_batches = parallel, earlier, micro_batches
+        self.ready: dict = {}
+        self.launched: list = []  # (names, wait) per bucket, in plan order
+
+    def add(self, name: str, grad) -> None:
+        if self.earlier is not None:
+            grad = self.earlier[name] + grad
+        if self.micro_batches > 1:
+            grad = grad / self.micro_batches
+        self.ready[name] = grad
+        plan = self.parallel.backward_buckets
+        while len(self.launched) < len(plan) and all(n in self.ready for n in plan[len(self.launched)]):
+            names = plan[len(self.launched)]
+            self.launched.append((names, self.parallel.backend.all_sum_flat_async([self.ready[n] for n in names])))
+
+    def result(self) -> dict:
+        """Every parameter's mean gradient, once all buckets are reduced."""
+        if len(self.launched) != len(self.parallel.backward_buckets):
+            missing = sorted(n for names in self.parallel.backward_buckets for n in names if n not in self.ready)
+            raise RuntimeError(f"no gradient for {', '.join(missing[:3])}")
+        summed = {}
+        for names, wait in self.launched:
+            summed.update(zip(names, wait()))
+        # Sum, then divide: the same rounding as an all-reduce per tensor.
+        return {n: summed[n] / self.parallel.world for n in self.ready}

@@ -65,7 +65,8 @@ class TrainConfig:
     continuing an imported model. Its vocabulary must cover the data's tokenizer."""
     bucket_mb: float = 25.0
     """Data parallelism: gradients are averaged across ranks in flat buckets of up to this many megabytes (MiB),
-    one all-reduce each, filled in parameter-name order; 0: one all-reduce per tensor."""
+    one all-reduce each, filled in the order backward produces gradients and started as each fills (PyTorch);
+    0: one all-reduce per tensor."""
     shard_optimizer: bool = False
     """Data parallelism: each parameter tensor is owned by one rank, which alone keeps its optimizer state and
     computes its update, then broadcasts it (ZeRO stage 1: parameters and gradients stay whole on every rank).

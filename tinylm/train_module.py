@@ -77,18 +77,21 @@ class TrainModule:
 
     def loss_and_grads(self, params: dict, micro_batches: list):
         """Mean loss and mean gradient over micro-batches (gradient accumulation), averaged across ranks."""
-        total_loss, total = None, None
-        for rows in micro_batches:
+        total_loss, total, n = None, None, len(micro_batches)
+        for i, rows in enumerate(micro_batches):
             batch = self.to_backend(rows)
             if self.annotate is not None:
                 batch.update(self.annotate(batch))
-            loss, grads = self._grad(params, batch)
+            # Across ranks, the last micro-batch's gradients are reduced while its backward pass runs.
+            reducer = self.parallel.reducer(total, n) if i == n - 1 else None
+            loss, grads = self._grad(params, batch, on_grad=reducer and reducer.add)
             total_loss = loss if total_loss is None else total_loss + loss
+            if reducer is not None:
+                return self.parallel.all_mean_scalar(total_loss / n if n > 1 else total_loss), reducer.result()
             total = grads if total is None else {k: total[k] + g for k, g in grads.items()}
-        n = len(micro_batches)
         if n > 1:  # one micro-batch's gradient is its mean already: no pass over every tensor to divide by 1
             total_loss, total = total_loss / n, {k: g / n for k, g in total.items()}
-        return self.parallel.all_mean_scalar(total_loss), self.parallel.all_mean(total)
+        return total_loss, total
 
     def step(self, params: dict, state: dict, micro_batches: list, lr: float, step: int):
         """One optimizer step; `step` is 1-based (AdamW's bias correction counts from 1)."""

@@ -190,9 +190,21 @@ class MLXBackend:
         return float(x.item())
 
     def grad_step(self, fn):
-        """fn(params, *args) -> scalar becomes fn(params, *args) -> (scalar, grads) over the params dict."""
+        """fn(params, *args) -> scalar becomes fn(params, *args) -> (scalar, grads) over the params dict.
+
+        `on_grad(name, grad)`, if given, gets every gradient, last parameter first (the order of a backward
+        pass). MLX builds the whole graph before it runs, so its reductions are scheduled with the rest anyway.
+        """
         step = mx.value_and_grad(fn)
-        return mx.compile(step) if self.use_compile else step
+        step = mx.compile(step) if self.use_compile else step
+
+        def wrapped(params, *args, on_grad=None):
+            value, grads = step(params, *args)
+            for name in reversed(list(grads)) if on_grad is not None else ():
+                on_grad(name, grads[name])
+            return value, grads
+
+        return wrapped
 
     def pure_step(self, fn):
         """A function of arrays with no gradient (the optimizer update, evaluation), compiled if asked."""
@@ -221,6 +233,10 @@ class MLXBackend:
     def all_sum_flat(self, arrays: list) -> list:
         flat = mx.concatenate([a.reshape(-1) for a in arrays])
         return _split_like(mx.distributed.all_sum(flat, group=self._group), arrays)
+
+    def all_sum_flat_async(self, arrays: list):
+        summed = self.all_sum_flat(arrays)  # lazy: it runs when the step's results are evaluated
+        return lambda: summed
 
     def broadcast_flat(self, arrays: list, src: int) -> list:
         # mx.distributed has no broadcast: src's values summed with zeros from every other rank (x + 0 == x).

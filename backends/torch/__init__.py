@@ -140,6 +140,10 @@ class TorchOps:
         return functools.partial(torch.utils.checkpoint.checkpoint, fn, use_reentrant=False)
 
 
+def _report_grad(on_grad, name, grad):
+    on_grad(name, grad)  # returns None: autograd keeps the gradient as it is
+
+
 def _flatten(arrays: list):
     return torch.cat([a.reshape(-1) for a in arrays])
 
@@ -217,12 +221,16 @@ class TorchBackend:
     def grad_step(self, fn):
         """fn(params, *args) -> scalar becomes fn(params, *args) -> (scalar, grads) over the params dict.
 
-        With compile on, the forward is compiled by `torch.compile` and autograd differentiates the graph.
+        `on_grad(name, grad)`, if given, is called with each parameter's gradient as soon as backward has it
+        (what lets data parallelism reduce gradients while backward runs). With compile on, the forward is compiled by `torch.compile` and autograd differentiates the graph.
         """
         forward = torch.compile(fn) if self.use_compile else fn
 
-        def wrapped(params, *args):
+        def wrapped(params, *args, on_grad=None):
             leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            if on_grad is not None:  # called by autograd with each leaf's whole gradient, during backward
+                for k, leaf in leaves.items():
+                    leaf.register_hook(functools.partial(_report_grad, on_grad, k))
             value = forward(leaves, *args)
             grads = torch.autograd.grad(value, list(leaves.values()))
             return value.detach(), dict(zip(leaves, grads))
@@ -284,6 +292,16 @@ class TorchBackend:
         flat = _flatten(arrays)
         torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
         return _split_like(flat, arrays)
+
+    def all_sum_flat_async(self, arrays: list):
+        flat = _flatten(arrays)
+        work = torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, async_op=True)
+
+        def wait() -> list:
+            work.wait()
+            return _split_like(flat, arrays)
+
+        return wait
 
     def broadcast_flat(self, arrays: list, src: int) -> list:
         flat = _flatten(arrays) if self.rank == src else _empty_flat(arrays)

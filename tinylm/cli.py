@@ -153,10 +153,11 @@ def quickstart(
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     fresh: bool = typer.Option(False, "--fresh", help="Start over instead of continuing an earlier quickstart."),
 ):
-    """`tinylm run recipes/quickstart.toml` on the built-in data, then one of the model's worked answers."""
+    """`tinylm run recipes/quickstart.toml` on the built-in data, then the model's worked answers to three
+    held-out problems."""
     import shutil
 
-    from tinylm.data.synthetic import problems
+    from tinylm.data.synthetic import extract_answer, problems
     from tinylm.generate import SamplingConfig, chat_prompt, generate, load_model
 
     if not QUICKSTART.is_file():
@@ -169,11 +170,13 @@ def quickstart(
     run(QUICKSTART, backend=backend, set_=set_, out=None, from_stage=None, only=None, quiet=False)
     final = recipes.resolve_stages(recipe)[-1].out
     lm, tok, ckpt = load_model(final, backend)
-    problem = problems("word_problems", n=1, split="test")[0]
-    prompt = chat_prompt(problem.messages()[:1], ckpt.meta) if ckpt.meta.get("chat") else problem.prompt + "\n"
-    completion = generate(lm, tok, [prompt], SamplingConfig(max_tokens=160), ckpt.meta)[0]
-    print(f"\nprompt:   {problem.prompt.strip()}\nmodel:    {completion.text.strip()}\nexpected: {problem.answer}")
-    print(f"\ncheckpoint: {ckpt.path}\nnext: tinylm eval {final} --tasks arithmetic,word_problems --limit 100")
+    shown = problems("word_problems", n=3, split="test")
+    prompts = [chat_prompt(p.messages()[:1], ckpt.meta) if ckpt.meta.get("chat") else p.prompt + "\n" for p in shown]
+    completions = generate(lm, tok, prompts, SamplingConfig(max_tokens=200), ckpt.meta)
+    for problem, completion in zip(shown, completions):
+        verdict = "right" if extract_answer(completion.text) == problem.answer else f"wrong, expected {problem.answer}"
+        print(f"\nheld-out problem: {problem.prompt.strip()}\nmodel ({verdict}):\n{completion.text.strip()}")
+    print(f"\ncheckpoint: {ckpt.path}\nnext: tinylm eval {final} --tasks word_problems,arithmetic --limit 500")
 
 
 def main(argv: list[str] | None = None) -> int:

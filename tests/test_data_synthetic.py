@@ -64,3 +64,34 @@ def test_stories_are_prose():
 def test_unknown_family():
     with pytest.raises(KeyError):
         synthetic.generate("nope")
+
+
+def test_worked_operations_are_right_column_by_column():
+    import random
+    import re
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        a, b = rng.randint(2, 999), rng.randint(2, 999)
+        for op, x, y in (("+", a, b), ("-", max(a, b), min(a, b)), ("x", a, b % 8 + 2), ("/", a * (b % 8 + 2), b % 8 + 2)):
+            text = synthetic.worked(x, op, y)
+            expected = {"+": x + y, "-": x - y, "x": x * y, "/": x // y}[op]
+            assert int(re.split(r"(?:so|=) ", text)[-1]) == expected, text
+            for step in text.split(": ", 1)[-1].split(", so")[0].split(", "):  # every column's own arithmetic
+                left, right = step.split(" = ")
+                if " r " in right:
+                    q, r = map(int, right.split(" r "))
+                    n, d = map(int, left.split(" / "))
+                    assert (q, r) == divmod(n, d), text
+                else:
+                    assert eval(left.replace("x", "*").replace("/", "//")) == int(right), text
+
+
+def test_word_problems_at_the_default_difficulty_take_two_or_more_operations_on_operands_from_2_to_99():
+    import re
+
+    for p in synthetic.problems("word_problems", n=300):
+        operations = [line for line in p.solution.splitlines()[:-1] if re.search(r"\d+ [-+x/] \d+", line)]
+        assert len(operations) >= 2, p.solution
+        numbers = [int(n) for n in re.findall(r"\d+", p.prompt)]
+        assert numbers and all(2 <= n <= 99 for n in numbers), p.prompt

@@ -222,7 +222,8 @@ class TorchBackend:
         """fn(params, *args) -> scalar becomes fn(params, *args) -> (scalar, grads) over the params dict.
 
         `on_grad(name, grad)`, if given, is called with each parameter's gradient as soon as backward has it
-        (what lets data parallelism reduce gradients while backward runs). With compile on, the forward is compiled by `torch.compile` and autograd differentiates the graph.
+        (what lets data parallelism reduce gradients while backward runs). With compile on, the forward is
+        compiled by `torch.compile` and autograd differentiates the graph.
         """
         forward = torch.compile(fn) if self.use_compile else fn
 

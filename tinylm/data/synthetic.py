@@ -152,8 +152,8 @@ def arithmetic(rng: random.Random, difficulty: int) -> Problem:
     b = rng.randrange(10 ** (digits - 1), 10**digits)
     if op == "-":
         a, b = max(a, b), min(a, b)
-    return Problem(f"What is {a} {op} {b}?", _finish([f"{worked(a, op, b)}."], _COLUMNS[op][1](a, b)),
-                   str(_COLUMNS[op][1](a, b)), "arithmetic")
+    answer = _COLUMNS[op][1](a, b)
+    return Problem(f"What is {a} {op} {b}?", _finish([f"{worked(a, op, b)}."], answer), str(answer), "arithmetic")
 
 
 # --- counting ---------------------------------------------------------------------------------------------

@@ -41,10 +41,15 @@ def _mul(rng, name, friend, item, have):
 
 
 def _div(rng, name, friend, item, have):
-    b = rng.choice([d for d in range(2, 10) if have % d == 0 and have // d >= 2])
+    b = rng.choice(_divisors(have))
     text = rng.choice([f"{name} splits the {item} equally into {b} bags and keeps only one bag.",
                        f"{name} shares the {item} equally among {b} children, {name} included, and keeps one share."])
     return text, f"{worked(have, '/', b)}.", have // b
+
+
+def _divisors(have: int) -> list[int]:
+    """One-digit divisors that share `have` into equal parts of at least 2."""
+    return [d for d in range(2, 10) if have % d == 0 and have // d >= 2]
 
 
 def _allowed(have: int) -> list:
@@ -53,7 +58,7 @@ def _allowed(have: int) -> list:
         ops.append(_sub)
     if have <= 99:
         ops.append(_mul)
-    if any(have % d == 0 and have // d >= 2 for d in range(2, 10)):
+    if _divisors(have):
         ops.append(_div)
     return ops
 

@@ -204,6 +204,12 @@ CASES = [
     Case("unknown_preset", lambda w, t: ["info", w.recipe, "--set", "model.preset=huge"], "huge"),
     Case("unknown_backend", lambda w, t: _train(w, t, "--out", t / "new", "--backend", "tpu"), "tpu",
          assert_absent("new")),
+    Case("shard_params_on_mlx", lambda w, t: ["train", w.recipe, "--backend", "mlx", "--quiet", "--out", t / "new",
+                                              "--set", "train.shard_params=true"], "the mlx backend cannot shard",
+         assert_absent("new/checkpoints"), slow=True),
+    Case("shard_params_compiled", lambda w, t: _train(w, t, "--out", t / "new", "--set", "train.shard_params=true",
+                                                      "--set", "train.compile=true"), "train.compile",
+         assert_absent("new/checkpoints"), slow=True),
     # Data.
     Case("missing_data", lambda w, t: ["data", "prepare", missing_source(w, t)], "no-such-book.txt"),
     Case("malformed_jsonl_line", lambda w, t: ["data", "prepare", malformed_jsonl(w, t)], "docs.jsonl line 2"),

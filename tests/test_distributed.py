@@ -1,5 +1,6 @@
 """Data parallelism through the real launchers: two ranks of batch B train like one process of batch 2B, with
-gradients all-reduced in buckets, with or without a sharded optimizer, and checkpoints move between the two."""
+gradients all-reduced in buckets, with or without a sharded optimizer or sharded parameters, and checkpoints
+move between the two."""
 
 import json
 import os
@@ -18,6 +19,9 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 LAUNCHERS = {"torch": "torchrun", "mlx": "mlx.launch"}
 # Buckets far smaller than the micro model, so that its gradients and updates travel in several.
 SHARDED = ("--set", "train.shard_optimizer=true", "--set", "train.bucket_mb=0.05")
+# Parameters sharded too (PyTorch): each block's weights gathered as it runs, and again as it is recomputed.
+PARAMS_SHARDED = ("--set", "train.shard_params=true", "--set", "train.bucket_mb=0.05")
+RECOMPUTED = ("--set", "train.activation_checkpointing=true")
 TOLERANCE = 1e-5
 
 
@@ -162,6 +166,25 @@ if rank == 0:
     assert all(np.array_equal(full[s], expected[s]) for s in expected)
 else:
     assert full is None
+
+if name == "torch":  # sharded parameters: a rank keeps its own tensors; reads fetch the owner's, whole
+    import torch
+    dp = DataParallel(backend, shapes, cfg, bucket_mb=300 / 2**20, shard_params=True)
+    local = {n: v.requires_grad_(True) for n, v in backend.from_numpy(dp.local(mine)).items()}
+    assert all((local[n].numel() > 0) == (dp.owners[n] == rank) for n in shapes)
+    view = dp.view(local, "float32")
+    for n in shapes:
+        assert np.array_equal(view[n].detach().numpy(), arrays_of(dp.owners[n])[n]), n
+    # Each rank's gradient of every tensor is rank + 1: its owner gets the mean over ranks, the others nothing.
+    sum(((rank + 1) * view[n]).sum() for n in shapes).backward()
+    for n in shapes:
+        expected = (1.5,) * int(np.prod(shapes[n])) if dp.owners[n] == rank else ()
+        assert tuple(local[n].grad.reshape(-1).tolist()) == expected, n
+    whole = backend.to_numpy(dp.gather_all(local))
+    on_zero = dp.full_params(local)
+    for n in shapes:
+        assert np.array_equal(whole[n], arrays_of(dp.owners[n])[n]), n
+        assert on_zero is None if rank else np.array_equal(on_zero[n], arrays_of(dp.owners[n])[n]), n
 backend.close()
 print("collectives ok", rank)
 """
@@ -235,7 +258,8 @@ def train(tmp_path_factory, prepared):
 def test_two_ranks_match_one_process_with_the_whole_batch(train, backend):
     _need(backend)
     single = train(backend, 1)
-    for flags in ((), SHARDED):
+    modes = ((), SHARDED) + ((PARAMS_SHARDED, PARAMS_SHARDED + RECOMPUTED) if backend == "torch" else ())
+    for flags in modes:
         double = train(backend, 2, *flags)
         diff = _max_diff(_losses(single), _losses(double))  # one metrics file, written by rank 0 alone
         print(f"{backend} 2 ranks {' '.join(flags[1::2]) or 'bucketed'}: max loss difference {diff:.2e}")
@@ -243,30 +267,36 @@ def test_two_ranks_match_one_process_with_the_whole_batch(train, backend):
     # Rank 0 gathered the owners' slots: the sharded checkpoint has the unsharded one's layout.
     from safetensors.numpy import load_file
 
-    whole, gathered = (load_file(str(run / "checkpoints" / "step_00000006" / "optimizer.safetensors"))
-                       for run in (single, train(backend, 2, *SHARDED)))
-    assert {k: v.shape for k, v in whole.items()} == {k: v.shape for k, v in gathered.items()}
+    sharded = [train(backend, 2, *flags) for flags in modes[1:]]
+    for name in ("optimizer", "model"):
+        whole = load_file(str(single / "checkpoints" / "step_00000006" / f"{name}.safetensors"))
+        for run in sharded:
+            gathered = load_file(str(run / "checkpoints" / "step_00000006" / f"{name}.safetensors"))
+            assert {k: v.shape for k, v in whole.items()} == {k: v.shape for k, v in gathered.items()}
 
 
 @pytest.mark.slow
 def test_sharded_muon_matches_one_process(train):
     _need("torch")
     muon = ("--set", "optim.name=muon")
-    diff = _max_diff(_losses(train("torch", 1, *muon)), _losses(train("torch", 2, *muon, *SHARDED)))
-    print(f"torch muon 2 sharded ranks: max loss difference {diff:.2e}")
-    assert diff < TOLERANCE
+    for sharding in (SHARDED, PARAMS_SHARDED):
+        diff = _max_diff(_losses(train("torch", 1, *muon)), _losses(train("torch", 2, *muon, *sharding)))
+        print(f"torch muon 2 ranks {sharding[1]}: max loss difference {diff:.2e}")
+        assert diff < TOLERANCE
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)], ids=["sharded-to-one", "one-to-sharded"])
+@pytest.mark.parametrize("first,then", [((2, SHARDED), (1, ())), ((1, ()), (2, SHARDED)),
+                                        ((2, PARAMS_SHARDED), (1, ())), ((1, ()), (2, PARAMS_SHARDED))],
+                         ids=["sharded-to-one", "one-to-sharded", "params-sharded-to-one", "one-to-params-sharded"])
 def test_a_checkpoint_resumes_across_rank_counts_and_sharding(train, tmp_path, first, then):
     _need("torch")
-    sharding = {1: (), 2: SHARDED}
-    whole = train("torch", first, *sharding[first])
+    whole = train("torch", first[0], *first[1])
     resumed = tmp_path / "resumed"
     shutil.copytree(whole, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000006")  # as if stopped after the step-3 checkpoint
-    train("torch", then, "--resume", *sharding[then], out=resumed)
+    train("torch", then[0], "--resume", *then[1], out=resumed)
     diff = _max_diff(_losses(whole), _losses(resumed))
-    print(f"torch {first} -> {then} ranks at step 3: max loss difference {diff:.2e}")
+    print(f"torch {first[0]} -> {then[0]} ranks {' '.join(then[1][1::2] or first[1][1::2])} at step 3: "
+          f"max loss difference {diff:.2e}")
     assert diff < TOLERANCE

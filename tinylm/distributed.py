@@ -20,13 +20,25 @@ The sharded optimizer (ZeRO stage 1): each parameter tensor is owned by one rank
 state and computes its update; whole tensors, so Muon still orthogonalizes whole matrices. Gradients are still
 all-reduced (every rank holds the whole mean gradient, so the clipping norm is the unsharded one, bit for bit),
 parameters stay replicated, and each owner broadcasts its updated tensors after the step.
+
+Sharded parameters (ZeRO stage 3, what FSDP does) go further with the same owners: a rank keeps only the
+parameters it owns (an empty stand-in for each other one), their gradients and their optimizer state. The loss
+reads parameters through `GatheredParams`, which fetches each tensor whole from its owner when the forward
+pass reaches it and sends its gradient back to the owner in the backward pass (the backend's `gather_owned`);
+with activation checkpointing a block's gathered weights live only while it runs, and are fetched again when
+the backward pass recomputes it. The clipping norm is summed over the owners. No tensor is broadcast after the
+step: each owner's update is read at the next forward pass.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+
+import numpy as np
 
 from tinylm import optim
+from tinylm.errors import UserError
 from tinylm.optim import OptimConfig
 
 
@@ -66,12 +78,21 @@ class DataParallel:
     """How a training step communicates across ranks. With one rank every method is the identity."""
 
     def __init__(self, backend, param_shapes: dict[str, tuple[int, ...]], optim_cfg: OptimConfig,
-                 bucket_mb: float = 25.0, shard_optimizer: bool = False):
+                 bucket_mb: float = 25.0, shard_optimizer: bool = False, shard_params: bool = False):
         self.backend = backend
         self.world, self.rank = backend.world_size, backend.rank
         self.optim_cfg = optim_cfg
         self.cap_bytes = int(bucket_mb * 2**20)
-        self.sharded = shard_optimizer and self.world > 1
+        self.shapes = {n: tuple(s) for n, s in param_shapes.items()}
+        self.params_sharded = shard_params and self.world > 1
+        self.sharded = (shard_optimizer or shard_params) and self.world > 1
+        # Checked with one rank too: a recipe that shards must fail on the laptop it is tried on, not later.
+        if shard_params and not hasattr(backend, "gather_owned"):
+            raise UserError(f"train.shard_params: the {backend.name} backend cannot shard parameters "
+                            "(PyTorch can; train.shard_optimizer shards the optimizer state on either)")
+        if shard_params and getattr(backend, "use_compile", False):
+            raise UserError("train.shard_params does not combine with train.compile: each parameter's gather is "
+                            "a collective that torch.compile would have to trace")
         self.owners = owner_plan({n: math.prod(s) for n, s in param_shapes.items()}, self.world)
         self._buckets: dict[tuple[str, ...], list[list[str]]] = {}
         # Gradients are float32 like the master weights they belong to.
@@ -80,7 +101,8 @@ class DataParallel:
 
     def reducer(self, earlier: dict | None, micro_batches: int) -> "GradReducer | None":
         """What collects the last micro-batch's gradients (None with one rank: nothing to reduce)."""
-        return GradReducer(self, earlier, micro_batches) if self.world > 1 else None
+        # Sharded parameters reduce each gradient onto its owner within the backward pass itself.
+        return GradReducer(self, earlier, micro_batches) if self.world > 1 and not self.params_sharded else None
 
     def buckets(self, arrays: dict) -> list[list[str]]:
         """The bucket plan of this set of tensors, computed on first use and reused every step after."""
@@ -92,6 +114,47 @@ class DataParallel:
 
     def all_mean_scalar(self, x):
         return x if self.world == 1 else self.backend.all_sum_flat([x])[0] / self.world
+
+    def global_norm(self, ops, grads: dict):
+        """The norm of the whole mean gradient. With sharded parameters a rank holds its owned gradients alone:
+        their squares are summed there and then over ranks."""
+        if not self.params_sharded:
+            return optim.global_norm(ops, grads)
+        squares = optim.sum_of_squares(ops, self.owned(grads))
+        return ops.sqrt(self.backend.all_sum_flat([squares])[0])
+
+    # Sharded parameters. Unsharded, each of these hands the parameters back as they are.
+    def local(self, params: dict) -> dict:
+        """What this rank keeps of whole numpy parameters: with sharded parameters its own tensors and an
+        empty stand-in for each other one, else all of them."""
+        if not self.params_sharded:
+            return params
+        return {n: v if self.owners[n] == self.rank else np.zeros((0,), v.dtype) for n, v in params.items()}
+
+    def view(self, params: dict, dtype: str):
+        """The parameters as the loss reads them: with sharded parameters, each fetched whole from its owner
+        in the compute dtype `dtype` when read (see `GatheredParams`)."""
+        return GatheredParams(self, params, dtype) if self.params_sharded else params
+
+    def gather_all(self, params: dict) -> dict:
+        """Every parameter whole on every rank (to generate or evaluate with), each broadcast by its owner."""
+        return self._from_owners(params) if self.params_sharded else params
+
+    def full_params(self, params: dict) -> dict | None:
+        """Every parameter whole, as numpy, on rank 0 (None elsewhere): what a checkpoint holds. Every rank
+        must call it."""
+        if not self.params_sharded:
+            return self.backend.to_numpy(params) if self.rank == 0 else None
+        full = self._on_zero(self.owned(params), lambda src: {n: self._stand_in(n, params)
+                                                               for n in self._owned_by(src, self.shapes)})
+        return None if full is None else {n: full[n] for n in self.shapes}
+
+    def _stand_in(self, name: str, params: dict):
+        """`params[name]` where this rank has it whole, else zeros of its shape (what collectives size by)."""
+        p = params[name]
+        if tuple(p.shape) == self.shapes[name]:
+            return p
+        return self.backend.from_numpy({name: np.zeros(self.shapes[name], np.float32)})[name]
 
     # The sharded optimizer. Unsharded, this rank owns every tensor and these are identities too.
     def owned(self, tensors: dict) -> dict:
@@ -106,13 +169,18 @@ class DataParallel:
         return {n: p for n, p in params.items() if self.owners[n] == rank}
 
     def share_updates(self, params: dict) -> dict:
-        """Every rank's parameters after each owner broadcast the tensors it updated, in buckets per owner."""
-        if not self.sharded:
+        """Every rank's parameters after each owner broadcast the tensors it updated, in buckets per owner
+        (with sharded parameters nothing moves: the next forward pass fetches them)."""
+        if not self.sharded or self.params_sharded:
             return params
+        return self._from_owners(params)
+
+    def _from_owners(self, params: dict) -> dict:
         out = {}
         for src in range(self.world):
-            for names in self.buckets(self._owned_by(src, params)):
-                out.update(zip(names, self.backend.broadcast_flat([params[n] for n in names], src)))
+            sent = {n: self._stand_in(n, params) for n in self._owned_by(src, self.shapes)}
+            for names in self.buckets(sent):
+                out.update(zip(names, self.backend.broadcast_flat([sent[n] for n in names], src)))
         return {n: out[n] for n in params}
 
     def full_state(self, params: dict, state: dict) -> dict | None:
@@ -120,19 +188,23 @@ class DataParallel:
         checkpoint of a sharded run has the layout of an unsharded one. Every rank must call it."""
         if not self.sharded:
             return self.backend.to_numpy(state) if self.rank == 0 else None
-        full = self.backend.to_numpy(state) if self.rank == 0 else {}
+        # The slots src holds, with its parameters as stand-ins of their shapes.
+        full = self._on_zero(state, lambda src: {slot: self._stand_in(n, params) for n in self._owned_by(src, params)
+                                                 for slot in optim.slots(self.optim_cfg, n)})
+        return None if full is None else {slot: full[slot] for n in params for slot in optim.slots(self.optim_cfg, n)}
+
+    def _on_zero(self, mine: dict, stand_ins_of) -> dict | None:
+        """This rank's tensors `mine` and every other rank's, as numpy on rank 0 (None elsewhere), sent in
+        buckets; `stand_ins_of(src)` names src's tensors with arrays of their shapes."""
+        full = self.backend.to_numpy(mine) if self.rank == 0 else {}
         for src in range(1, self.world):
-            # The slots src holds, with its parameters as stand-ins of their shapes on the other ranks.
-            shapes = {slot: p for n, p in self._owned_by(src, params).items()
-                      for slot in optim.slots(self.optim_cfg, n)}
+            shapes = stand_ins_of(src)
             for names in self.buckets(shapes):
-                mine = [state[s] if self.rank == src else shapes[s] for s in names]
-                received = self.backend.send_to_zero_flat(mine, src)
+                received = self.backend.send_to_zero_flat([mine[n] if self.rank == src else shapes[n]
+                                                           for n in names], src)
                 if self.rank == 0:
                     full.update(self.backend.to_numpy(dict(zip(names, received))))
-        if self.rank:
-            return None
-        return {slot: full[slot] for n in params for slot in optim.slots(self.optim_cfg, n)}
+        return full if self.rank == 0 else None
 
 
 class GradReducer:
@@ -170,3 +242,29 @@ class GradReducer:
             summed.update(zip(names, wait()))
         # Sum, then divide: the same rounding as an all-reduce per tensor.
         return {n: summed[n] / self.parallel.world for n in self.ready}
+
+
+class GatheredParams(Mapping):
+    """Parameters kept by their owners, read whole: each read of a name fetches that tensor from its owner in the
+    compute dtype, and the backward pass of what reads it sends the gradient back (the backend's
+    `gather_owned`). Nothing is fetched until read, so a block's weights are gathered as the forward pass
+    reaches them, and `select` hands a block a view without gathering it. Every rank reads the same names in
+    the same order, since the model's code is the same on each."""
+
+    def __init__(self, parallel: DataParallel, local: dict, dtype: str, names: list[str] | None = None):
+        self.parallel, self.local, self.dtype = parallel, local, dtype
+        self.names = list(local) if names is None else names
+
+    def __getitem__(self, name: str):
+        return self.parallel.backend.gather_owned(self.local[name], self.parallel.owners[name],
+                                                  self.parallel.shapes[name], self.dtype)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def select(self, prefix: str) -> "GatheredParams":
+        """The parameters whose names start with `prefix`, still ungathered."""
+        return GatheredParams(self.parallel, self.local, self.dtype, [n for n in self.names if n.startswith(prefix)])

@@ -229,6 +229,14 @@ def _block(ops, p, prefix, x, shape: ModelShape, offset, mask, cache_entry, posi
     return x + _mlp(ops, p, prefix + "mlp.", h), kv
 
 
+def _block_params(params, prefix: str):
+    """The parameters of one block. Parameters gathered from other ranks when read (`GatheredParams`) come as a
+    view that has fetched nothing yet, so that a checkpointed block fetches them inside what it recomputes."""
+    if hasattr(params, "select"):
+        return params.select(prefix)
+    return {k: v for k, v in params.items() if k.startswith(prefix)}
+
+
 def hidden_states(ops, params, tokens, shape: ModelShape, cache=None, mask="causal", positions=None,
                   checkpoint=False):
     """The final normed hidden states for `tokens` (batch, time): what the output head reads.
@@ -252,7 +260,7 @@ def hidden_states(ops, params, tokens, shape: ModelShape, cache=None, mask="caus
                 # The block's weights go in as arguments: MLX's checkpoint differentiates nothing it closes over.
                 block = ops.checkpoint(lambda x, p, prefix=prefix: _block(ops, p, prefix, x, shape, 0, mask, None,
                                                                           positions)[0])
-                x = block(x, {k: v for k, v in params.items() if k.startswith(prefix)})
+                x = block(x, _block_params(params, prefix))
             else:
                 x, kv = _block(ops, params, prefix, x, shape, offset, mask, entry, positions)
             if new_cache is not None:
@@ -276,8 +284,9 @@ def forward(ops, params, tokens, shape: ModelShape, cache=None, mask="causal", p
 
 
 def cast_params(ops, params, compute_dtype: str):
-    """Parameters in the compute dtype (they stay float32 outside the loss)."""
-    if compute_dtype == "float32":
+    """Parameters in the compute dtype (they stay float32 outside the loss). Parameters gathered from other
+    ranks arrive in it already, tensor by tensor as they are read, and pass through untouched."""
+    if compute_dtype == "float32" or getattr(params, "dtype", None) == compute_dtype:
         return params
     return {k: ops.cast(v, compute_dtype) for k, v in params.items()}
 

@@ -63,14 +63,19 @@ def init_state(ops, cfg: OptimConfig, params: dict) -> dict:
     return {slot: ops.zeros_like(p) for name, p in params.items() for slot in slots(cfg, name)}
 
 
-def global_norm(ops, grads: dict):
+def sum_of_squares(ops, grads: dict):
+    """The squared norm of `grads` as a whole (0 for none)."""
     # Summed in name order: a float sum depends on its order, and a resumed run (whose dicts come back from
     # a checkpoint in another order) must clip exactly as the uninterrupted one did.
     total = None
     for name in sorted(grads):
         sq = ops.sum_squares(grads[name])
         total = sq if total is None else total + sq
-    return ops.sqrt(total)
+    return ops.scalar(0.0) if total is None else total
+
+
+def global_norm(ops, grads: dict):
+    return ops.sqrt(sum_of_squares(ops, grads))
 
 
 def clip_by_global_norm(ops, grads: dict, max_norm: float, norm=None):

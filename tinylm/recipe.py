@@ -71,6 +71,12 @@ class TrainConfig:
     """Data parallelism: each parameter tensor is owned by one rank, which alone keeps its optimizer state and
     computes its update, then broadcasts it (ZeRO stage 1: parameters and gradients stay whole on every rank).
     Checkpoints hold the whole state, so a run resumes with any number of ranks, sharded or not."""
+    shard_params: bool = False
+    """Data parallelism on PyTorch: shard the parameters too (ZeRO stage 3, as FSDP does), with the optimizer
+    state's owners. A rank keeps only its own parameters, their gradients and state; each tensor is broadcast
+    by its owner when the forward pass reads it, and its gradient is reduced onto the owner. With
+    `activation_checkpointing` a block's gathered weights exist only while it runs. Checkpoints hold whole
+    tensors, as with `shard_optimizer`."""
 
     def __post_init__(self):
         config.at_least(self, 1, "steps batch_size grad_accum seq_len log_every ckpt_every eval_rows")

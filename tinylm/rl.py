@@ -238,7 +238,7 @@ class RLData:
         cfg, g = self.cfg, self.cfg.num_generations
         prompts = self.batch_prompts(k)
         trainer = self.trainer
-        lm = GroupedPrefill(Model(trainer.backend, trainer.shape, params), g)
+        lm = GroupedPrefill(Model(trainer.backend, trainer.shape, trainer.module.parallel.gather_all(params)), g)
         seed = int(np.random.default_rng([self.seed, k, 7]).integers(2**31))
         sampling = SamplingConfig(max_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                   stop_strings=sorted({s for p in prompts for s in p.stop_strings}), seed=seed)

@@ -140,6 +140,9 @@ def build_trainer(stage: Stage, backend, resume: bool = False, allow_data_change
             data = CoevolveData(recipe.coevolve, data, recipe, stage.out)
     if recipe.coevolve.rounds and stage.objective != "lm":
         raise UserError(f"stage {stage.name!r}: coevolve.rounds applies to lm (mid-training) stages")
+    if recipe.coevolve.rounds and recipe.train.shard_params:
+        raise UserError(f"stage {stage.name!r}: coevolve.rounds scores samples with whole gradients, which "
+                        "train.shard_params leaves with their owners; use train.shard_optimizer")
     annotate = None
     if recipe.distill.teacher and stage.objective in ("grpo", "dpo"):
         raise UserError(f"stage {stage.name!r}: distill.teacher applies to lm and sft stages, not {stage.objective}")

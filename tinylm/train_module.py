@@ -16,10 +16,13 @@ from tinylm.optim import OptimConfig
 
 class TrainModule:
     def __init__(self, backend, shape: ModelShape, optim_cfg: OptimConfig, compute: model.Compute | str = "float32",
-                 objective=objectives.lm, annotate=None, bucket_mb: float = 25.0, shard_optimizer: bool = False):
+                 objective=objectives.lm, annotate=None, bucket_mb: float = 25.0, shard_optimizer: bool = False,
+                 shard_params: bool = False):
         """`compute` is a `model.Compute`, or a dtype name for that dtype's plain computation. `annotate(batch)
         -> dict`, if given, adds arrays to each backend batch before the gradient (a teacher's log-probabilities
-        for distillation); it runs outside autodiff. `bucket_mb` and `shard_optimizer`: see `tinylm.distributed`."""
+        for distillation); it runs outside autodiff. `bucket_mb`, `shard_optimizer` and `shard_params`: see
+        `tinylm.distributed`; with sharded parameters, the `params` every method takes are this rank's own
+        (`DataParallel.local`)."""
         if isinstance(compute, str):
             compute = model.Compute(compute)
         self.backend = backend
@@ -28,10 +31,10 @@ class TrainModule:
         self.annotate = annotate
         ops = backend.ops
         parallel = self.parallel = DataParallel(backend, model.param_shapes(shape), optim_cfg, bucket_mb,
-                                                shard_optimizer)
+                                                shard_optimizer, shard_params)
 
         def loss_fn(params, batch):
-            return objective(ops, params, batch, shape, compute)
+            return objective(ops, parallel.view(params, compute.dtype), batch, shape, compute)
 
         fused = backend.fused_adamw(optim_cfg)
 
@@ -42,17 +45,18 @@ class TrainModule:
 
         def apply(params, state, grads, lr, step):
             # Clipped by the norm of the whole gradient, whichever tensors this rank updates.
-            norm = optim.global_norm(ops, grads)
+            norm = parallel.global_norm(ops, grads)
             grads, _ = optim.clip_by_global_norm(ops, parallel.owned(grads), optim_cfg.grad_clip, norm)
             updated, state = update(parallel.owned(params), grads, state, lr, step)
             return {**params, **updated}, state, norm
 
         def token_losses(params, batch):
             tokens = batch["tokens"]
-            return model.token_losses(ops, params, tokens[:, :-1], tokens[:, 1:], shape, compute)
+            return model.token_losses(ops, parallel.view(params, compute.dtype), tokens[:, :-1], tokens[:, 1:],
+                                      shape, compute)
 
         def weighted_token_losses(params, batch):
-            return objectives.weighted_token_losses(ops, params, batch, shape, compute)
+            return objectives.weighted_token_losses(ops, parallel.view(params, compute.dtype), batch, shape, compute)
 
         self._grad = backend.grad_step(loss_fn)
         self._apply = backend.pure_step(apply) if fused is None else apply  # a fused kernel runs as it is
@@ -91,6 +95,8 @@ class TrainModule:
             total = grads if total is None else {k: total[k] + g for k, g in grads.items()}
         if n > 1:  # one micro-batch's gradient is its mean already: no pass over every tensor to divide by 1
             total_loss, total = total_loss / n, {k: g / n for k, g in total.items()}
+        if self.parallel.params_sharded:  # the gradients were reduced in backward; the loss is not yet
+            total_loss = self.parallel.all_mean_scalar(total_loss)
         return total_loss, total
 
     def step(self, params: dict, state: dict, micro_batches: list, lr: float, step: int):

@@ -99,7 +99,8 @@ class Trainer:
         self.dtype, _ = resolve_dtype(backend, self.cfg.dtype, self.shape, self.cfg.batch_size * self.cfg.seq_len)
         compute = model.Compute(self.dtype, self.cfg.loss_chunk, self.cfg.activation_checkpointing)
         self.module = TrainModule(backend, self.shape, recipe.optim, compute, objective, annotate,
-                                  bucket_mb=self.cfg.bucket_mb, shard_optimizer=self.cfg.shard_optimizer)
+                                  bucket_mb=self.cfg.bucket_mb, shard_optimizer=self.cfg.shard_optimizer,
+                                  shard_params=self.cfg.shard_params)
         self.flops_per_token = model.flops_per_token(self.shape, self.cfg.seq_len)
         self.peak, _ = cached_peak(backend, self.dtype)
         self._tasks = None
@@ -117,8 +118,8 @@ class Trainer:
                                 "(fingerprint differs); pass --allow-data-change to resume anyway")
             if ckpt.optimizer is None:
                 raise UserError(f"{ckpt.path}: no optimizer state to resume from")
-            self.params = self.backend.from_numpy(ckpt.params)
-            check_state(self.recipe.optim, self.params, ckpt.optimizer, str(ckpt.path))
+            check_state(self.recipe.optim, ckpt.params, ckpt.optimizer, str(ckpt.path))
+            self.params = self.backend.from_numpy(self.module.parallel.local(ckpt.params))
             # A checkpoint holds the whole state; a rank of a sharded optimizer keeps its own slots.
             self.state = self.backend.from_numpy(self.module.parallel.owned_state(ckpt.optimizer))
             self.step = ckpt.step
@@ -127,7 +128,7 @@ class Trainer:
             # Rank 0 alone writes the run directory, so it alone judges whether one is already there.
             if self.rank == 0 and not resume and (existing or (self.out / "metrics.jsonl").exists()):
                 raise UserError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
-            self.params = self.backend.from_numpy(self._initial_weights())
+            self.params = self.backend.from_numpy(self.module.parallel.local(self._initial_weights()))
             self.state = self.module.init_state(self.params)
             self.step = 0
         self.out.mkdir(parents=True, exist_ok=True)
@@ -162,11 +163,17 @@ class Trainer:
 
         if self._tasks is None:
             self._tasks = load_tasks(self.recipe.eval.tasks, self.recipe.eval.limit or None)
-        return evaluate(self.backend, self.shape, self.params, self.data.tokenizer_path, self._tasks,
+        return evaluate(self.backend, self.shape, self.full_params(), self.data.tokenizer_path, self._tasks,
                         chat=bool(self.extra_meta.get("chat")))
 
+    def full_params(self) -> dict:
+        """The current weights whole on this rank (gathered from their owners when parameters are sharded)."""
+        return self.module.parallel.gather_all(self.params)
+
     def save(self) -> None:
-        state = self.module.parallel.full_state(self.params, self.state)  # every rank takes part
+        # Every rank takes part in both.
+        params = self.module.parallel.full_params(self.params)
+        state = self.module.parallel.full_state(self.params, self.state)
         if self.rank != 0:
             return
         meta = {
@@ -180,7 +187,7 @@ class Trainer:
             "phase": self.data.phase_name(self.step),
             **self.extra_meta,
         }
-        checkpoint.save(self.out, self.step, self.backend.to_numpy(self.params), state,
+        checkpoint.save(self.out, self.step, params, state,
                         meta, tokenizer=self.data.tokenizer_path, keep=self.cfg.keep_checkpoints)
 
     def fit(self) -> dict:

@@ -140,6 +140,29 @@ class TorchOps:
         return functools.partial(torch.utils.checkpoint.checkpoint, fn, use_reentrant=False)
 
 
+class _OwnedParam(torch.autograd.Function):
+    """A parameter tensor that one rank keeps: the forward pass broadcasts it from its owner in the compute dtype
+    (every rank gets it whole), the backward pass sums each rank's float32 gradient onto the owner and divides
+    by the number of ranks there. Other ranks hold an empty stand-in and get an empty gradient for it."""
+
+    @staticmethod
+    def forward(ctx, local, owner, shape, dtype):
+        ctx.owner, ctx.local_shape = owner, local.shape
+        rank = torch.distributed.get_rank()
+        # A copy even on the owner: what the forward pass reads must not alias the weights the update changes.
+        whole = local.to(dtype, copy=True) if rank == owner else torch.empty(shape, dtype=dtype, device=local.device)
+        torch.distributed.broadcast(whole, owner)
+        return whole
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.to(torch.float32, copy=True)  # the reduction may overwrite it; float32 like DDP's gradients
+        torch.distributed.reduce(grad, ctx.owner, op=torch.distributed.ReduceOp.SUM)
+        if torch.distributed.get_rank() != ctx.owner:
+            return grad.new_zeros(ctx.local_shape), None, None, None
+        return grad / torch.distributed.get_world_size(), None, None, None
+
+
 def _report_grad(on_grad, name, grad):
     on_grad(name, grad)  # returns None: autograd keeps the gradient as it is
 
@@ -318,6 +341,12 @@ class TorchBackend:
             torch.distributed.recv(flat, src=src)
             return _split_like(flat, arrays)
         return arrays
+
+    def gather_owned(self, local, owner: int, shape: tuple, dtype: str):
+        """Parameter sharding's one collective: the whole of a tensor that rank `owner` keeps (`local` there,
+        an empty stand-in elsewhere), in the compute dtype; its gradient goes back to the owner as the mean over
+        ranks. See `tinylm.distributed.GatheredParams`."""
+        return _OwnedParam.apply(local, owner, tuple(shape), _DTYPES[dtype])
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -300,3 +300,19 @@ def test_a_checkpoint_resumes_across_rank_counts_and_sharding(train, tmp_path, f
     print(f"torch {first[0]} -> {then[0]} ranks {' '.join(then[1][1::2] or first[1][1::2])} at step 3: "
           f"max loss difference {diff:.2e}")
     assert diff < TOLERANCE
+
+
+@pytest.mark.slow
+def test_sharding_divides_what_a_rank_keeps_and_not_what_it_trains(tmp_path):
+    _need("torch")
+    out = tmp_path / "sharding.json"
+    code, output = _run([sys.executable, "-m", "tinylm.bench_sharding", "run", "--preset", "micro", "--steps", "2",
+                         "--seq-len", "32", "--out", str(out)], timeout=240)
+    assert code == 0, output
+    rows = {row["name"].split("-", 1)[1]: row for row in json.loads(out.read_text())}
+    assert len({tuple(row["losses"]) for row in rows.values()}) == 1
+    kept = {mode: row["kept_mb"] for mode, row in rows.items()}
+    # AdamW: weights and two moments replicated; the moments halved; everything halved (micro's owners balance).
+    assert kept["shard_optimizer"] < kept["replicated"] * 0.75
+    assert kept["shard_params"] < kept["replicated"] * 0.55
+    assert kept["shard_params+checkpointing"] == kept["shard_params"]

@@ -74,3 +74,20 @@ def test_torch_cross_entropy_and_its_gradient_equal_pytorchs_own():
     assert ours.shape == (2, 5)
     assert torch.allclose(ours, theirs.reshape(2, 5), atol=1e-5)
     assert torch.allclose(grad_ours, grad_theirs, atol=1e-6)
+
+
+def test_torch_cpu_attention_in_bf16_computes_in_float32_and_returns_bf16():
+    torch = pytest.importorskip("torch")
+    from tinylm.backends import get_backend
+
+    ops = get_backend("torch").ops
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 16, 8, generator=gen) for h in (4, 2, 2))  # grouped-query: 4 heads, 2 kv
+    half = [t.bfloat16().requires_grad_(True) for t in (q, k, v)]
+    out = ops.attention(*half, 8**-0.5, "causal")
+    assert out.dtype == torch.bfloat16
+    expected = torch.nn.functional.scaled_dot_product_attention(*(t.detach().float() for t in half), is_causal=True,
+                                                                 scale=8**-0.5, enable_gqa=True).bfloat16()
+    assert torch.equal(out, expected)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 and t.grad.abs().sum() > 0 for t in half)

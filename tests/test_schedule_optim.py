@@ -47,18 +47,35 @@ def test_adamw_rule_matches_torch_adamw_with_bias_correction():
     assert np.abs(params["w"].numpy() - ref.detach().numpy()).max() < 1e-6
 
 
-def test_muon_orthogonalizes_and_matches_adamw_rms():
+@pytest.mark.parametrize("backend_name,dtype", [("torch", "float32"), ("torch", "bfloat16"), ("mlx", "float32")])
+@pytest.mark.parametrize("rows,cols", [(32, 64), (64, 32)])
+def test_muon_orthogonalizes_and_matches_adamw_rms(backend_name, dtype, rows, cols):
+    pytest.importorskip("mlx.core" if backend_name == "mlx" else "torch")
     from tinylm.backends import get_backend
     from tinylm.optim import newton_schulz
 
-    b = get_backend("torch")
-    g = b.from_numpy({"g": np.random.default_rng(1).standard_normal((32, 64)).astype(np.float32)})["g"]
-    x = newton_schulz(b.ops, g, 5).numpy()
+    b = get_backend(backend_name)
+    g = b.from_numpy({"g": np.random.default_rng(1).standard_normal((rows, cols)).astype(np.float32)})["g"]
+    x = b.to_numpy({"x": newton_schulz(b.ops, g, 5, dtype)})["x"]
+    assert x.dtype == np.float32 and x.shape == (rows, cols)
     singular = np.linalg.svd(x, compute_uv=False)
     assert singular.min() > 0.5 and singular.max() < 1.3
     # Scaled by 0.2 * sqrt(max dim), the update's RMS is about 0.2, like AdamW's typical update.
-    rms = np.sqrt(np.mean((x * 0.2 * np.sqrt(64)) ** 2))
+    rms = np.sqrt(np.mean((x * 0.2 * np.sqrt(max(rows, cols))) ** 2))
     assert 0.12 < rms < 0.25
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "mlx"])
+def test_addmm_is_a_scaled_product_plus_a_scaled_term(backend_name):
+    pytest.importorskip("mlx.core" if backend_name == "mlx" else "torch")
+    from tinylm.backends import get_backend
+
+    b = get_backend(backend_name)
+    rng = np.random.default_rng(0)
+    for batch in ((), (3,)):
+        c, x, y = (rng.standard_normal(batch + s).astype(np.float32) for s in ((4, 5), (4, 6), (6, 5)))
+        got = b.to_numpy({"r": b.ops.addmm(*b.from_numpy({"c": c, "x": x, "y": y}).values(), alpha=-4.8, beta=2.0)})
+        np.testing.assert_allclose(got["r"], -4.8 * (x @ y) + 2.0 * c, rtol=1e-5, atol=1e-5)
 
 
 def test_clipping_bounds_the_global_norm():

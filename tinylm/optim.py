@@ -88,20 +88,29 @@ def clip_by_global_norm(ops, grads: dict, max_norm: float, norm=None):
     return {k: g * scale for k, g in grads.items()}, norm
 
 
-def newton_schulz(ops, g, steps: int):
-    """Approximately the nearest semi-orthogonal matrix to g (U V^T of its SVD)."""
+def newton_schulz(ops, g, steps: int, dtype: str = "float32"):
+    """Approximately the nearest semi-orthogonal matrix to g (U V^T of its SVD), iterated in `dtype` and
+    returned in float32.
+
+    A bf16 training run iterates in bf16, as Muon's reference implementation does: the iteration converges
+    only to singular values between about 0.7 and 1.2 anyway, and its matmuls, about a seventh of a small
+    model's step in float32 (`tiny`, 16 x 256 tokens), run several times faster on bf16 matrix units.
+    """
     a, b, c = _NS_COEFFS
     tall = g.shape[0] > g.shape[1]
     x = g.T if tall else g
-    x = x / (ops.sqrt(ops.sum_squares(x)) + 1e-7)
+    x = ops.cast(x / (ops.sqrt(ops.sum_squares(x)) + 1e-7), dtype)
     for _ in range(steps):
         gram = x @ x.T
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
+        # a x + (b gram + c gram^2) x, as two fused multiply-adds rather than six operations.
+        x = ops.addmm(x, ops.addmm(gram, gram, gram, alpha=c, beta=b), x, alpha=1.0, beta=a)
+    x = ops.cast(x, "float32")
     return x.T if tall else x
 
 
-def update(ops, cfg: OptimConfig, params: dict, grads: dict, state: dict, lr, step):
-    """One optimizer step. `lr` and `step` (1-based) are backend scalars so compiled steps are reused."""
+def update(ops, cfg: OptimConfig, params: dict, grads: dict, state: dict, lr, step, dtype: str = "float32"):
+    """One optimizer step. `lr` and `step` (1-based) are backend scalars so compiled steps are reused; `dtype`
+    is the run's compute dtype, which Muon's orthogonalization runs in."""
     new_params, new_state = {}, {}
     bias1 = 1.0 - cfg.beta1**step
     bias2 = 1.0 - cfg.beta2**step
@@ -110,7 +119,7 @@ def update(ops, cfg: OptimConfig, params: dict, grads: dict, state: dict, lr, st
         decay = cfg.weight_decay if len(p.shape) >= 2 else 0.0
         if uses_muon(cfg, name):
             m = cfg.muon_momentum * state["momentum." + name] + g
-            direction = newton_schulz(ops, g + cfg.muon_momentum * m, cfg.muon_ns_steps)
+            direction = newton_schulz(ops, g + cfg.muon_momentum * m, cfg.muon_ns_steps, dtype)
             direction = direction * (0.2 * max(p.shape) ** 0.5)
             new_state["momentum." + name] = m
         else:

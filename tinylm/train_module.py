@@ -39,7 +39,7 @@ class TrainModule:
         fused = backend.fused_adamw(optim_cfg)
 
         def core_update(params, grads, state, lr, step):
-            return optim.update(ops, optim_cfg, params, grads, state, lr, step)
+            return optim.update(ops, optim_cfg, params, grads, state, lr, step, compute.dtype)
 
         update = fused or core_update
 

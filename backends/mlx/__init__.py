@@ -98,6 +98,10 @@ class MLXOps:
     def sqrt(self, x):
         return mx.sqrt(x)
 
+    def addmm(self, c, a, b, alpha: float, beta: float):
+        """alpha * (a @ b) + beta * c in one operation."""
+        return mx.addmm(c, a, b, alpha=alpha, beta=beta)
+
     def sum_squares(self, x):
         x = x.astype(mx.float32)
         return (x * x).sum()

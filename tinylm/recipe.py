@@ -38,8 +38,9 @@ class TrainConfig:
     native bf16, MLX on a GPU, a CPU whose measured bf16 matmuls clearly beat fp32's), else float32. Parameters
     and optimizer state stay float32. The default stays float32 so that runs are exact and repeatable anywhere."""
     compile: Optional[bool] = None
-    """Compile the step: mx.compile on MLX, torch.compile on PyTorch (worth it for long GPU runs). Unset: the
-    backend's choice, which is on for MLX (compiling costs it almost nothing) and off for PyTorch."""
+    """Compile the step: mx.compile on MLX (gradient step and update), torch.compile on PyTorch (the gradient
+    step; about 35 s to compile on a 2-core CPU, so worth it for runs of some hundreds of steps and more).
+    Unset: the backend's choice, which is on for MLX (compiling costs it almost nothing) and off for PyTorch."""
     loss_chunk: int = 0
     """Tokens per chunk of the output head and its loss (every objective's, distillation's included): each
     chunk's logits are made, used and remade in the backward pass, so the (tokens, vocabulary) logits, a

@@ -316,3 +316,16 @@ def test_sharding_divides_what_a_rank_keeps_and_not_what_it_trains(tmp_path):
     assert kept["shard_optimizer"] < kept["replicated"] * 0.75
     assert kept["shard_params"] < kept["replicated"] * 0.55
     assert kept["shard_params+checkpointing"] == kept["shard_params"]
+
+
+@pytest.mark.slow
+def test_sharded_parameters_accumulate_micro_batches_like_one_process(train):
+    """Each micro-batch's backward pass reduces its gradients onto their owners; the sum over micro-batches
+    is still the mean gradient of the whole batch."""
+    _need("torch")
+    accumulated = ("--set", "train.grad_accum=2")
+    single = train("torch", 1, *accumulated, "--set", "train.batch_size=4")
+    double = train("torch", 2, *accumulated, "--set", "train.batch_size=2", *PARAMS_SHARDED)
+    diff = _max_diff(_losses(single), _losses(double))
+    print(f"torch 2 ranks sharded parameters, 2 micro-batches: max loss difference {diff:.2e}")
+    assert diff < TOLERANCE

@@ -6,7 +6,8 @@ last with and without activation checkpointing.
 
 launches each case under `torchrun` on this machine (gloo on a CPU, NCCL on GPUs) and prints a row per case.
 A row gives, for the largest rank, the bytes of the weights and optimizer state it keeps from one step to the
-next, its resident memory after the steps, and its peak during them. On a CPU those are the process's resident size (Linux `VmRSS`, and `VmHWM` reset once the model is
+next, its resident memory after the steps, its peak during them, and rank 0's seconds per step (the first
+step included). On a CPU those are the process's resident size (Linux `VmRSS`, and `VmHWM` reset once the model is
 built); on CUDA the allocator's figures. The losses show that every case trains the same numbers.
 """
 
@@ -17,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -67,10 +69,12 @@ def rank_case(mode: str, preset: str, batch_size: int, seq_len: int, steps: int)
     state = module.init_state(params)
     rng = np.random.default_rng(backend.rank)
     _reset_peak(backend)
-    losses = []
+    losses, seconds = [], 0.0
     for step in range(1, steps + 1):
         rows = rng.integers(0, shape.vocab_size, (batch_size, seq_len + 1))
+        start = time.perf_counter()
         params, state, loss, _ = module.step(params, state, [rows], 1e-3, step)
+        seconds += time.perf_counter() - start
         losses.append(round(loss, 5))
     kept = sum(x.nbytes for x in (*params.values(), *state.values())) / 2**20
     # Each rank's figures in its own column, summed over ranks: every rank's, on every rank.
@@ -84,7 +88,8 @@ def rank_case(mode: str, preset: str, batch_size: int, seq_len: int, steps: int)
         return None
     return {"name": f"{preset}-{mode}", "backend": "torch", "device": backend.device_name, "ranks": len(resident_all),
             "batch_size": batch_size, "seq_len": seq_len, "kept_mb": round(float(kept_all.max()), 1), "resident_mb": round(float(resident_all.max()), 1),
-            "peak_memory_mb": round(float(peak_all.max()), 1), "losses": losses}
+            "peak_memory_mb": round(float(peak_all.max()), 1), "seconds_per_step": round(seconds / steps, 3),
+            "losses": losses}
 
 
 app = typer.Typer(add_completion=False, help="Memory per rank by what is sharded (see the module's docstring).")
@@ -112,7 +117,7 @@ def run(preset: str = typer.Option("mobilellm-125m"), ranks: int = typer.Option(
         row = json.loads([ln for ln in done.stdout.splitlines() if ln.startswith("{")][-1])
         rows.append(row)
         print(f"{mode:28s} weights and state {row['kept_mb']:7,.0f} MiB  resident {row['resident_mb']:7,.0f} MiB  peak {row['peak_memory_mb']:8,.0f} MiB  "
-              f"losses {row['losses']}", flush=True)
+              f"{row['seconds_per_step']:6.2f} s/step  losses {row['losses']}", flush=True)
     if out is not None:
         out.write_text(json.dumps(rows, indent=1) + "\n")
 

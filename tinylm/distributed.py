@@ -90,7 +90,8 @@ class DataParallel:
         if shard_params and not hasattr(backend, "gather_owned"):
             raise UserError(f"train.shard_params: the {backend.name} backend cannot shard parameters "
                             "(PyTorch can; train.shard_optimizer shards the optimizer state on either)")
-        if shard_params and getattr(backend, "use_compile", False):
+        if shard_params and getattr(backend, "use_compile", False) and not getattr(backend, "compiles_collectives",
+                                                                                    True):
             raise UserError("train.shard_params does not combine with train.compile: each parameter's gather is "
                             "a collective that torch.compile would have to trace")
         self.owners = owner_plan({n: math.prod(s) for n, s in param_shapes.items()}, self.world)
@@ -120,7 +121,9 @@ class DataParallel:
         their squares are summed there and then over ranks."""
         if not self.params_sharded:
             return optim.global_norm(ops, grads)
-        squares = optim.sum_of_squares(ops, self.owned(grads))
+        # The other ranks' tensors have empty gradients here, which add nothing; summed too, they make the norm
+        # depend on each of them, so a lazy backend (MLX) runs every reduction an owner waits on.
+        squares = optim.sum_of_squares(ops, grads)
         return ops.sqrt(self.backend.all_sum_flat([squares])[0])
 
     # Sharded parameters. Unsharded, each of these hands the parameters back as they are.
@@ -248,7 +251,7 @@ class GatheredParams(Mapping):
     """Parameters kept by their owners, read whole: each read of a name fetches that tensor from its owner in the
     compute dtype, and the backward pass of what reads it sends the gradient back (the backend's
     `gather_owned`). Nothing is fetched until read, so a block's weights are gathered as the forward pass
-    reaches them, and `select` hands a block a view without gathering it. Every rank reads the same names in
+    reaches them, and a checkpointed block takes `local_arrays` and gathers them itself (`over`). Every rank reads the same names in
     the same order, since the model's code is the same on each."""
 
     def __init__(self, parallel: DataParallel, local: dict, dtype: str, names: list[str] | None = None):
@@ -265,6 +268,11 @@ class GatheredParams(Mapping):
     def __len__(self) -> int:
         return len(self.names)
 
-    def select(self, prefix: str) -> "GatheredParams":
-        """The parameters whose names start with `prefix`, still ungathered."""
-        return GatheredParams(self.parallel, self.local, self.dtype, [n for n in self.names if n.startswith(prefix)])
+    def local_arrays(self, prefix: str) -> dict:
+        """This rank's own arrays (empty stand-ins for others' tensors) of the names that start with `prefix`:
+        what a checkpointed block takes as its arguments, to read through `over` inside."""
+        return {n: self.local[n] for n in self.names if n.startswith(prefix)}
+
+    def over(self, local: dict) -> "GatheredParams":
+        """The same reading of other arrays of this rank (`local_arrays`' as the block receives them)."""
+        return GatheredParams(self.parallel, local, self.dtype)

@@ -229,12 +229,13 @@ def _block(ops, p, prefix, x, shape: ModelShape, offset, mask, cache_entry, posi
     return x + _mlp(ops, p, prefix + "mlp.", h), kv
 
 
-def _block_params(params, prefix: str):
-    """The parameters of one block. Parameters gathered from other ranks when read (`GatheredParams`) come as a
-    view that has fetched nothing yet, so that a checkpointed block fetches them inside what it recomputes."""
-    if hasattr(params, "select"):
-        return params.select(prefix)
-    return {k: v for k, v in params.items() if k.startswith(prefix)}
+def _block_arrays(params, prefix: str):
+    """(arrays, read): the arrays of one block's parameters, as a checkpointed block takes them, and how the
+    block reads its parameters from them. Parameters gathered from other ranks when read (`GatheredParams`)
+    hand over this rank's own arrays, so that the block gathers them inside what it recomputes."""
+    if hasattr(params, "local_arrays"):
+        return params.local_arrays(prefix), params.over
+    return {k: v for k, v in params.items() if k.startswith(prefix)}, None
 
 
 def hidden_states(ops, params, tokens, shape: ModelShape, cache=None, mask="causal", positions=None,
@@ -258,9 +259,10 @@ def hidden_states(ops, params, tokens, shape: ModelShape, cache=None, mask="caus
             entry = cache[applied] if cache else None
             if checkpoint and cache is None:
                 # The block's weights go in as arguments: MLX's checkpoint differentiates nothing it closes over.
-                block = ops.checkpoint(lambda x, p, prefix=prefix: _block(ops, p, prefix, x, shape, 0, mask, None,
-                                                                          positions)[0])
-                x = block(x, _block_params(params, prefix))
+                arrays, read = _block_arrays(params, prefix)
+                block = ops.checkpoint(lambda x, p, prefix=prefix, read=read: _block(
+                    ops, read(p) if read else p, prefix, x, shape, 0, mask, None, positions)[0])
+                x = block(x, arrays)
             else:
                 x, kv = _block(ops, params, prefix, x, shape, offset, mask, entry, positions)
             if new_cache is not None:

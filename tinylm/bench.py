@@ -151,7 +151,7 @@ def _row(name, backend_name, device, tps, flops_per_token, peak, source, memory_
 def _measure(backend, case: tuple, dtype: str, peak: tuple[float, str], compiled: bool = False) -> dict:
     """The row of `case` ((name, model, seq_len, batch, steps), as in `CASES`) trained on `backend` in compute
     dtype `dtype`, its MFU against `peak` ((FLOP/s, source)); `compiled`: on a torch.compile'd copy of the
-    backend, after two more untimed steps (compilation, and one recompilation when the step counter changes)."""
+    backend, after two more untimed steps (compilation, and room for a recompilation)."""
     name, config, seq_len, batch, steps = case
     runner = backend
     if compiled:

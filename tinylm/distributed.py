@@ -121,8 +121,7 @@ class DataParallel:
         their squares are summed there and then over ranks."""
         if not self.params_sharded:
             return optim.global_norm(ops, grads)
-        # The other ranks' tensors have empty gradients here, which add nothing; summed too, they make the norm
-        # depend on each of them, so a lazy backend (MLX) runs every reduction an owner waits on.
+        # The other ranks' tensors have empty gradients here: they add nothing.
         squares = optim.sum_of_squares(ops, grads)
         return ops.sqrt(self.backend.all_sum_flat([squares])[0])
 

@@ -86,6 +86,18 @@ def test_stages_run_in_order_each_in_its_folder(tmp_path, prepared):
     assert not (other / "sft").exists() and checkpoint.list_steps(other / "pretrain")
 
 
+def test_a_stage_compiles_its_step_when_its_own_train_section_says_so(tmp_path, prepared, monkeypatch):
+    import torch
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, *args, **kwargs: compiled.append(fn) or fn)
+    recipe, out = _recipe(tmp_path, prepared, sft_steps_extra="compile = true"), tmp_path / "run"
+    assert main(["train", str(recipe), "--backend", "torch", "--out", str(out), "--quiet", "--stage", "pretrain"]) == 0
+    assert compiled == []  # the recipe's [train] leaves PyTorch eager
+    assert main(["train", str(recipe), "--backend", "torch", "--out", str(out), "--quiet", "--stage", "sft"]) == 0
+    assert compiled  # the SFT stage's own `compile = true` reached its gradient step
+
+
 def _one_error_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err

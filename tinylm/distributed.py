@@ -78,7 +78,8 @@ class DataParallel:
     """How a training step communicates across ranks. With one rank every method is the identity."""
 
     def __init__(self, backend, param_shapes: dict[str, tuple[int, ...]], optim_cfg: OptimConfig,
-                 bucket_mb: float = 25.0, shard_optimizer: bool = False, shard_params: bool = False):
+                 bucket_mb: float = 25.0, shard_optimizer: bool = False, shard_params: bool = False,
+                 compiled: bool = False):
         self.backend = backend
         self.world, self.rank = backend.world_size, backend.rank
         self.optim_cfg = optim_cfg
@@ -90,8 +91,7 @@ class DataParallel:
         if shard_params and not hasattr(backend, "gather_owned"):
             raise UserError(f"train.shard_params: the {backend.name} backend cannot shard parameters "
                             "(PyTorch can; train.shard_optimizer shards the optimizer state on either)")
-        if shard_params and getattr(backend, "use_compile", False) and not getattr(backend, "compiles_collectives",
-                                                                                    True):
+        if shard_params and compiled and not getattr(backend, "compiles_collectives", True):
             raise UserError("train.shard_params does not combine with train.compile: each parameter's gather is "
                             "a collective that torch.compile would have to trace")
         self.owners = owner_plan({n: math.prod(s) for n, s in param_shapes.items()}, self.world)

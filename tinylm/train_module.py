@@ -17,12 +17,13 @@ from tinylm.optim import OptimConfig
 class TrainModule:
     def __init__(self, backend, shape: ModelShape, optim_cfg: OptimConfig, compute: model.Compute | str = "float32",
                  objective=objectives.lm, annotate=None, bucket_mb: float = 25.0, shard_optimizer: bool = False,
-                 shard_params: bool = False):
+                 shard_params: bool = False, compile: bool | None = None):
         """`compute` is a `model.Compute`, or a dtype name for that dtype's plain computation. `annotate(batch)
         -> dict`, if given, adds arrays to each backend batch before the gradient (a teacher's log-probabilities
         for distillation); it runs outside autodiff. `bucket_mb`, `shard_optimizer` and `shard_params`: see
         `tinylm.distributed`; with sharded parameters, the `params` every method takes are this rank's own
-        (`DataParallel.local`)."""
+        (`DataParallel.local`). `compile` (a stage's `train.compile`) overrides the backend's setting; None
+        keeps it."""
         if isinstance(compute, str):
             compute = model.Compute(compute)
         self.backend = backend
@@ -30,8 +31,9 @@ class TrainModule:
         self.optim_cfg = optim_cfg
         self.annotate = annotate
         ops = backend.ops
+        compiled = backend.use_compile if compile is None else compile
         parallel = self.parallel = DataParallel(backend, model.param_shapes(shape), optim_cfg, bucket_mb,
-                                                shard_optimizer, shard_params)
+                                                shard_optimizer, shard_params, compiled)
 
         def loss_fn(params, batch):
             return objective(ops, parallel.view(params, compute.dtype), batch, shape, compute)
@@ -58,10 +60,10 @@ class TrainModule:
         def weighted_token_losses(params, batch):
             return objectives.weighted_token_losses(ops, parallel.view(params, compute.dtype), batch, shape, compute)
 
-        self._grad = backend.grad_step(loss_fn)
-        self._apply = backend.pure_step(apply) if fused is None else apply  # a fused kernel runs as it is
-        self._token_losses = backend.pure_step(token_losses)
-        self._weighted_token_losses = backend.pure_step(weighted_token_losses)
+        self._grad = backend.grad_step(loss_fn, compiled)
+        self._apply = backend.pure_step(apply, compiled) if fused is None else apply  # a fused kernel runs as it is
+        self._token_losses = backend.pure_step(token_losses, compiled)
+        self._weighted_token_losses = backend.pure_step(weighted_token_losses, compiled)
 
     def to_backend(self, batch) -> dict:
         """A numpy batch (token rows, or a dict of arrays) as backend arrays: integers as token ids."""

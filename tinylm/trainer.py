@@ -100,7 +100,7 @@ class Trainer:
         compute = model.Compute(self.dtype, self.cfg.loss_chunk, self.cfg.activation_checkpointing)
         self.module = TrainModule(backend, self.shape, recipe.optim, compute, objective, annotate,
                                   bucket_mb=self.cfg.bucket_mb, shard_optimizer=self.cfg.shard_optimizer,
-                                  shard_params=self.cfg.shard_params)
+                                  shard_params=self.cfg.shard_params, compile=self.cfg.compile)
         self.flops_per_token = model.flops_per_token(self.shape, self.cfg.seq_len)
         self.peak, _ = cached_peak(backend, self.dtype)
         self._tasks = None

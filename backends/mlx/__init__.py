@@ -193,14 +193,15 @@ class MLXBackend:
     def item(self, x) -> float:
         return float(x.item())
 
-    def grad_step(self, fn):
+    def grad_step(self, fn, compile: bool | None = None):
         """fn(params, *args) -> scalar becomes fn(params, *args) -> (scalar, grads) over the params dict.
 
         `on_grad(name, grad)`, if given, gets every gradient, last parameter first (the order of a backward
         pass). MLX builds the whole graph before it runs, so its reductions are scheduled with the rest anyway.
+        `compile` overrides the backend's setting for this step (None keeps it).
         """
         step = mx.value_and_grad(fn)
-        step = mx.compile(step) if self.use_compile else step
+        step = mx.compile(step) if (self.use_compile if compile is None else compile) else step
 
         def wrapped(params, *args, on_grad=None):
             value, grads = step(params, *args)
@@ -210,9 +211,10 @@ class MLXBackend:
 
         return wrapped
 
-    def pure_step(self, fn):
-        """A function of arrays with no gradient (the optimizer update, evaluation), compiled if asked."""
-        return mx.compile(fn) if self.use_compile else fn
+    def pure_step(self, fn, compile: bool | None = None):
+        """A function of arrays with no gradient (the optimizer update, evaluation), compiled if asked (`compile`
+        overrides the backend's setting; None keeps it)."""
+        return mx.compile(fn) if (self.use_compile if compile is None else compile) else fn
 
     def fused_adamw(self, cfg):
         """None: MLX compiles the core rule into fused kernels itself (`pure_step`)."""

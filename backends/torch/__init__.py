@@ -253,19 +253,21 @@ class TorchBackend:
     def item(self, x) -> float:
         return float(x)
 
-    def grad_step(self, fn):
+    def grad_step(self, fn, compile: bool | None = None):
         """fn(params, *args) -> scalar becomes fn(params, *args) -> (scalar, grads) over the params dict.
 
         `on_grad(name, grad)`, if given, is called with each parameter's gradient as soon as backward has it
-        (what lets data parallelism reduce gradients while backward runs). With compile on, the forward is
+        (what lets data parallelism reduce gradients while backward runs). `compile` overrides the backend's
+        setting for this step (None keeps it; a stage's `train.compile`). With compile on, the forward is
         compiled by `torch.compile` and autograd differentiates the graph; where compilation fails (no C++
         compiler for the CPU's kernels, say), it runs eagerly instead, with PyTorch's warning.
         """
-        if self.use_compile:
+        compile = self.use_compile if compile is None else compile
+        if compile:
             import torch._dynamo as dynamo
 
             dynamo.config.suppress_errors = True
-        forward = torch.compile(fn) if self.use_compile else fn
+        forward = torch.compile(fn) if compile else fn
 
         def wrapped(params, *args, on_grad=None):
             leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
@@ -278,7 +280,7 @@ class TorchBackend:
 
         return wrapped
 
-    def pure_step(self, fn):
+    def pure_step(self, fn, compile: bool | None = None):
         """A function of arrays with no gradient (the optimizer update, evaluation), run eagerly even with
         compile on: compiling Muon's update took 70 s on a 2-core CPU (`tiny`) for steps 4% faster, AdamW's
         is one fused kernel already, and evaluation runs too rarely to repay its compilation."""

@@ -39,7 +39,8 @@ class TrainConfig:
     and optimizer state stay float32. The default stays float32 so that runs are exact and repeatable anywhere."""
     compile: Optional[bool] = None
     """Compile the step: mx.compile on MLX (gradient step and update), torch.compile on PyTorch (the gradient
-    step; about 35 s to compile on a 2-core CPU, so worth it for runs of some hundreds of steps and more).
+    step; about 40 s to compile on a 2-core CPU for 10-30% faster small-model steps, so worth it for runs of
+    thousands of steps). A stage's own `[stages.train] compile` applies to that stage alone.
     Unset: the backend's choice, which is on for MLX (compiling costs it almost nothing) and off for PyTorch."""
     loss_chunk: int = 0
     """Tokens per chunk of the output head and its loss (every objective's, distillation's included): each

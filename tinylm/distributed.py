@@ -91,7 +91,7 @@ class DataParallel:
         if shard_params and not hasattr(backend, "gather_owned"):
             raise UserError(f"train.shard_params: the {backend.name} backend cannot shard parameters "
                             "(PyTorch can; train.shard_optimizer shards the optimizer state on either)")
-        if shard_params and compiled and not getattr(backend, "compiles_collectives", True):
+        if shard_params and compiled:
             raise UserError("train.shard_params does not combine with train.compile: each parameter's gather is "
                             "a collective that torch.compile would have to trace")
         self.owners = owner_plan({n: math.prod(s) for n, s in param_shapes.items()}, self.world)
@@ -250,27 +250,26 @@ class GatheredParams(Mapping):
     """Parameters kept by their owners, read whole: each read of a name fetches that tensor from its owner in the
     compute dtype, and the backward pass of what reads it sends the gradient back (the backend's
     `gather_owned`). Nothing is fetched until read, so a block's weights are gathered as the forward pass
-    reaches them, and a checkpointed block takes `local_arrays` and gathers them itself (`over`). Every rank reads the same names in
-    the same order, since the model's code is the same on each."""
+    reaches them, and a checkpointed block takes `local_arrays` and gathers them itself (`over`). Every
+    rank reads the same names in the same order, since the model's code is the same on each."""
 
-    def __init__(self, parallel: DataParallel, local: dict, dtype: str, names: list[str] | None = None):
+    def __init__(self, parallel: DataParallel, local: dict, dtype: str):
         self.parallel, self.local, self.dtype = parallel, local, dtype
-        self.names = list(local) if names is None else names
 
     def __getitem__(self, name: str):
         return self.parallel.backend.gather_owned(self.local[name], self.parallel.owners[name],
                                                   self.parallel.shapes[name], self.dtype)
 
     def __iter__(self):
-        return iter(self.names)
+        return iter(self.local)
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.local)
 
     def local_arrays(self, prefix: str) -> dict:
         """This rank's own arrays (empty stand-ins for others' tensors) of the names that start with `prefix`:
         what a checkpointed block takes as its arguments, to read through `over` inside."""
-        return {n: self.local[n] for n in self.names if n.startswith(prefix)}
+        return {n: v for n, v in self.local.items() if n.startswith(prefix)}
 
     def over(self, local: dict) -> "GatheredParams":
         """The same reading of other arrays of this rank (`local_arrays`' as the block receives them)."""

@@ -193,8 +193,6 @@ def _split_like(flat, arrays: list) -> list:
 
 class TorchBackend:
     name = "torch"
-    compiles_collectives = False
-    """torch.compile would have to trace each parameter gather of `train.shard_params`: the two do not combine."""
 
     def __init__(self, dtype: str = "float32", compile: bool = False, fused_adamw: bool | None = None):
         if dtype not in _DTYPES:

@@ -67,9 +67,10 @@ def sum_of_squares(ops, grads: dict):
     """The squared norm of `grads` as a whole (0 for none)."""
     # Summed in name order: a float sum depends on its order, and a resumed run (whose dicts come back from
     # a checkpoint in another order) must clip exactly as the uninterrupted one did.
-    total = None
+    total, lanes = None, _lanes(ops, grads)
     for name in sorted(grads):
-        sq = ops.sum_squares(grads[name])
+        with lanes[name]:
+            sq = ops.sum_squares(grads[name])
         total = sq if total is None else total + sq
     return ops.scalar(0.0) if total is None else total
 
@@ -85,7 +86,18 @@ def clip_by_global_norm(ops, grads: dict, max_norm: float, norm=None):
     if max_norm <= 0:
         return grads, norm
     scale = ops.minimum(ops.scalar(1.0), max_norm / (norm + 1e-6))
-    return {k: g * scale for k, g in grads.items()}, norm
+    clipped, lanes = {}, _lanes(ops, grads)
+    for name, g in grads.items():
+        with lanes[name]:
+            clipped[name] = g * scale
+    return clipped, norm
+
+
+def _lanes(ops, tensors: dict) -> dict:
+    # Each tensor's work in the lane the backend gives it (`ops.lanes`: MLX on a multi-core CPU spreads
+    # tensors over streams, since its kernels run on one thread each). The same tensors get the same lanes in
+    # every function here, so one tensor's norm, clipping and update run on one stream.
+    return ops.lanes({name: t.shape for name, t in tensors.items()})
 
 
 def newton_schulz(ops, g, steps: int, dtype: str = "float32"):
@@ -114,24 +126,33 @@ def update(ops, cfg: OptimConfig, params: dict, grads: dict, state: dict, lr, st
     new_params, new_state = {}, {}
     bias1 = 1.0 - cfg.beta1**step
     bias2 = 1.0 - cfg.beta2**step
+    lanes = _lanes(ops, params)
     for name, p in params.items():
-        g = grads[name]
-        decay = cfg.weight_decay if len(p.shape) >= 2 else 0.0
-        if uses_muon(cfg, name):
-            m = cfg.muon_momentum * state["momentum." + name] + g
-            direction = newton_schulz(ops, g + cfg.muon_momentum * m, cfg.muon_ns_steps, dtype)
-            direction = direction * (0.2 * max(p.shape) ** 0.5)
-            new_state["momentum." + name] = m
-        else:
-            m = cfg.beta1 * state["exp_avg." + name] + (1.0 - cfg.beta1) * g
-            v = cfg.beta2 * state["exp_avg_sq." + name] + (1.0 - cfg.beta2) * (g * g)
-            direction = (m / bias1) / (ops.sqrt(v / bias2) + cfg.eps)
-            new_state["exp_avg." + name] = m
-            new_state["exp_avg_sq." + name] = v
-        if decay:
-            p = p * (1.0 - lr * decay)
-        new_params[name] = p - lr * direction
+        with lanes[name]:
+            new_params[name], new_state_of = _update_one(ops, cfg, name, p, grads[name], state, lr, bias1, bias2,
+                                                         dtype)
+        new_state.update(new_state_of)
     return new_params, new_state
+
+
+def _update_one(ops, cfg: OptimConfig, name: str, p, g, state: dict, lr, bias1, bias2, dtype: str):
+    """(new parameter, its new state slots) of one tensor."""
+    new_state = {}
+    decay = cfg.weight_decay if len(p.shape) >= 2 else 0.0
+    if uses_muon(cfg, name):
+        m = cfg.muon_momentum * state["momentum." + name] + g
+        direction = newton_schulz(ops, g + cfg.muon_momentum * m, cfg.muon_ns_steps, dtype)
+        direction = direction * (0.2 * max(p.shape) ** 0.5)
+        new_state["momentum." + name] = m
+    else:
+        m = cfg.beta1 * state["exp_avg." + name] + (1.0 - cfg.beta1) * g
+        v = cfg.beta2 * state["exp_avg_sq." + name] + (1.0 - cfg.beta2) * (g * g)
+        direction = (m / bias1) / (ops.sqrt(v / bias2) + cfg.eps)
+        new_state["exp_avg." + name] = m
+        new_state["exp_avg_sq." + name] = v
+    if decay:
+        p = p * (1.0 - lr * decay)
+    return p - lr * direction, new_state
 
 
 def check_state(cfg: OptimConfig, params: dict, state: dict, where: str) -> None:

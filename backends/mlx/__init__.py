@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
@@ -32,11 +33,22 @@ _load_openblas()
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
+from tinylm.backends.mlx import cpu_streams  # noqa: E402
+
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+# Below this many queries, splitting attention across streams costs more in extra operations than it saves.
+_STREAMED_MIN_TIME = 128
+# Below this many values, an elementwise kernel split across streams gains less than its extra copies cost.
+_STREAMED_MIN_SIZE = 1 << 18
 
 
 class MLXOps:
     """The operations `tinylm.model` and `tinylm.optim` are written against."""
+
+    def __init__(self):
+        # On a CPU with several cores: one stream per core, for the kernels of `cpu_streams`.
+        self._streams = cpu_streams.core_streams() if mx.default_device() == mx.cpu else []
 
     def linear(self, x, w):
         return x @ w.T
@@ -59,10 +71,15 @@ class MLXOps:
         return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
     def attention(self, q, k, v, scale, mask):
+        t = q.shape[2]
+        if len(self._streams) > 1 and isinstance(mask, str) and k.shape[2] == t and t >= _STREAMED_MIN_TIME:
+            return cpu_streams.causal_attention(self._streams, scale)(q, k, v)
         # mx.fast's "causal" aligns the diagonal to the bottom right, which is what a cached prefix needs.
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
     def silu(self, x):
+        if len(self._streams) > 1 and x.size >= _STREAMED_MIN_SIZE:
+            return cpu_streams.silu(self._streams)(x.reshape(-1, x.shape[-1])).reshape(x.shape)
         return x * mx.sigmoid(x)
 
     def transpose(self, x, axes):
@@ -77,6 +94,9 @@ class MLXOps:
     def cross_entropy(self, logits, targets):
         """Per-token negative log-likelihood in nats, computed in float32."""
         logits = logits.astype(mx.float32)
+        if len(self._streams) > 1:
+            rows = cpu_streams.cross_entropy(self._streams)(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            return rows.reshape(targets.shape)
         picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         return mx.logsumexp(logits, axis=-1) - picked
 
@@ -108,6 +128,13 @@ class MLXOps:
 
     def minimum(self, a, b):
         return mx.minimum(a, b)
+
+    def lanes(self, shapes: dict) -> dict:
+        """A context per tensor of `shapes` ({name: shape}) to compute its independent work under: on a CPU with
+        several cores a stream each (`cpu_streams.spread`)."""
+        if len(self._streams) < 2:
+            return {name: contextlib.nullcontext() for name in shapes}
+        return {name: mx.stream(self._streams[i]) for name, i in cpu_streams.spread(shapes, len(self._streams)).items()}
 
     def scalar(self, value):
         return mx.array(value, dtype=mx.float32)

@@ -3,6 +3,8 @@ or CPU. Parameters stay float32; the core casts them to the compute dtype inside
 
 from __future__ import annotations
 
+import contextlib
+
 import atexit
 import functools
 import os
@@ -138,6 +140,11 @@ class TorchOps:
 
     def minimum(self, a, b):
         return torch.minimum(a, b)
+
+    def lanes(self, shapes: dict) -> dict:
+        """A context per tensor to compute its independent work under: one lane, PyTorch's kernels already use
+        every core."""
+        return {name: contextlib.nullcontext() for name in shapes}
 
     def scalar(self, value):
         return torch.tensor(value, dtype=torch.float32, device=self.device)

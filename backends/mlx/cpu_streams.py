@@ -1,0 +1,150 @@
+"""Cross-entropy, causal attention and SiLU for MLX on a CPU with several cores.
+
+Outside BLAS, MLX's CPU kernels run on one thread each (measured on 2 cores: exp at about 70M values/s, and
+these two kernels spend most of their time in exp), but every stream runs on a thread of its own. So here
+each of the two splits its work into independent parts, one stream per core: cross-entropy by rows, causal
+attention by blocks of queries, each block computing only the keys it sees and paired with the block of
+the same index from the end so that every stream gets the same work. Each part's backward pass runs on its
+part's stream too. Their results are those of one `mx.logsumexp` or `mx.fast.scaled_dot_product_attention`
+to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import mlx.core as mx
+
+
+def core_streams() -> list:
+    """One CPU stream per core this process may use (the default stream first); one stream on one core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(cores - 1)]
+
+
+def spread(shapes: dict, n: int) -> dict:
+    """{name: stream index} for tensors of `shapes` ({name: shape}): the largest first, each to the stream
+    with the fewest values so far."""
+    values, index = [0] * n, {}
+    for name in sorted(shapes, key=lambda name: -math.prod(shapes[name])):
+        index[name] = values.index(min(values))
+        values[index[name]] += math.prod(shapes[name])
+    return index
+
+
+def _row_parts(streams: list, rows: int) -> list:
+    n = min(len(streams), rows)
+    return [(streams[i], slice(i * rows // n, (i + 1) * rows // n)) for i in range(n)]
+
+
+def cross_entropy(streams: list):
+    """f(logits (rows, vocabulary) float32, targets (rows,)) -> per-row negative log-likelihood."""
+
+    @mx.custom_function
+    def losses_and_lse(logits, targets):
+        losses, lses = [], []
+        for stream, rows in _row_parts(streams, logits.shape[0]):
+            with mx.stream(stream):
+                x = logits[rows]
+                lse = mx.logsumexp(x, axis=-1)
+                losses.append(lse - mx.take_along_axis(x, targets[rows][:, None], axis=-1)[:, 0])
+                lses.append(lse)
+        return mx.concatenate(losses), mx.concatenate(lses)
+
+    @losses_and_lse.vjp
+    def losses_and_lse_vjp(primals, cotangents, outputs):
+        # The softmax made again from the saved log-sum-exp, minus one at the target: one pass per part.
+        logits, targets = primals
+        grads = []
+        for stream, rows in _row_parts(streams, logits.shape[0]):
+            with mx.stream(stream):
+                g, t = cotangents[0][rows][:, None], targets[rows][:, None]
+                d = mx.exp(logits[rows] - outputs[1][rows][:, None]) * g
+                grads.append(mx.put_along_axis(d, t, mx.take_along_axis(d, t, axis=-1) - g, axis=-1))
+        return mx.concatenate(grads), mx.zeros_like(targets)
+
+    return lambda logits, targets: losses_and_lse(logits, targets)[0]
+
+
+def silu(streams: list):
+    """f(x (rows, width)) -> x * sigmoid(x), its sigmoid kept for the backward pass."""
+
+    @mx.custom_function
+    def silu_and_sigmoid(x):
+        outs, sigmoids = [], []
+        for stream, rows in _row_parts(streams, x.shape[0]):
+            with mx.stream(stream):
+                sig = mx.sigmoid(x[rows])
+                outs.append(x[rows] * sig)
+                sigmoids.append(sig)
+        return mx.concatenate(outs), mx.concatenate(sigmoids)
+
+    @silu_and_sigmoid.vjp
+    def silu_vjp(primals, cotangents, outputs):
+        x, grads = primals, []  # one argument: MLX hands it over alone, not in a tuple
+        for stream, rows in _row_parts(streams, x.shape[0]):
+            with mx.stream(stream):
+                sig = outputs[1][rows]
+                grads.append(cotangents[0][rows] * sig * (1 + x[rows] * (1 - sig)))
+        return mx.concatenate(grads)
+
+    return lambda x: silu_and_sigmoid(x)[0]
+
+
+def _query_blocks(streams: list, length: int) -> list:
+    """(stream, start, end) per block of queries, two blocks per stream: block i and block 2n - 1 - i, whose
+    keys (0 to end) add up to the same count for every stream."""
+    n = len(streams)
+    bounds = [j * length // (2 * n) for j in range(2 * n + 1)]
+    return [(streams[i], bounds[j], bounds[j + 1]) for i in range(n) for j in (i, 2 * n - 1 - i)]
+
+
+def causal_attention(streams: list, scale: float):
+    """f(q (batch, heads, time, head_dim), k, v (batch, kv_heads, time, head_dim)) -> (batch, heads, time,
+    head_dim), each query attending to the keys at and before its position, computed in float32. Grouped
+    queries share their key/value head by broadcasting, never by copying it. The attention probabilities are
+    kept for the backward pass (about 5/8 of batch x heads x time^2 floats: a CPU's memory, not a GPU's)."""
+
+    def grouped(q, k, v):
+        b, h, t, d = q.shape
+        kv = k.shape[1]
+        return (q.astype(mx.float32).reshape(b, kv, h // kv, t, d), k.astype(mx.float32)[:, :, None],
+                v.astype(mx.float32)[:, :, None])
+
+    @mx.custom_function
+    def attention_and_probs(q, k, v):
+        qg, kg, vg = grouped(q, k, v)
+        outs, probs = [], []
+        for stream, start, end in _query_blocks(streams, q.shape[2]):
+            with mx.stream(stream):
+                masked = mx.arange(end)[None, :] > mx.arange(start, end)[:, None]
+                scores = (qg[:, :, :, start:end] * scale) @ kg[:, :, :, :end].swapaxes(-1, -2)
+                p = mx.softmax(mx.where(masked, -mx.inf, scores), axis=-1)
+                outs.append((start, p @ vg[:, :, :, :end]))
+                probs.append(p)
+        out = mx.concatenate([o for _, o in sorted(outs, key=lambda so: so[0])], axis=3)
+        return [out.reshape(q.shape).astype(q.dtype)] + probs
+
+    @attention_and_probs.vjp
+    def attention_vjp(primals, cotangents, outputs):
+        q, k, v = primals
+        qg, kg, vg = grouped(q, k, v)
+        b, kv, rep, t, d = qg.shape
+        dout = cotangents[0].astype(mx.float32).reshape(qg.shape)
+        out = outputs[0].astype(mx.float32).reshape(qg.shape)
+        dqs, dks, dvs = [], [], []
+        for (stream, start, end), p in zip(_query_blocks(streams, t), outputs[1:]):
+            with mx.stream(stream):
+                do = dout[:, :, :, start:end]
+                dp = do @ vg[:, :, :, :end].swapaxes(-1, -2)
+                # Softmax's backward: p * (dp - sum(p * dp)), where sum(p * dp) is the row's do . out.
+                ds = p * (dp - (do * out[:, :, :, start:end]).sum(-1, keepdims=True)) * scale
+                dqs.append((start, ds @ kg[:, :, :, :end]))
+                pad = [(0, 0), (0, 0), (0, t - end), (0, 0)]
+                dks.append(mx.pad((ds.swapaxes(-1, -2) @ qg[:, :, :, start:end]).sum(2), pad))
+                dvs.append(mx.pad((p.swapaxes(-1, -2) @ do).sum(2), pad))
+        dq = mx.concatenate([g for _, g in sorted(dqs, key=lambda sg: sg[0])], axis=3).reshape(q.shape)
+        return dq.astype(q.dtype), sum(dks[1:], dks[0]).astype(k.dtype), sum(dvs[1:], dvs[0]).astype(v.dtype)
+
+    return lambda q, k, v: attention_and_probs(q, k, v)[0]

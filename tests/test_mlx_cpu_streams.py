@@ -1,0 +1,109 @@
+"""MLX's CPU kernels that split their work across streams give the plain kernels' values and gradients, for
+any number of streams, lengths that do not divide evenly, and grouped queries."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mlx.core")
+
+from tinylm.backends import get_backend  # noqa: E402
+
+get_backend("mlx")  # loads the BLAS it uses before mlx itself is imported
+import mlx.core as mx  # noqa: E402
+
+from tinylm.backends.mlx import MLXOps, cpu_streams  # noqa: E402
+
+
+def _streams(n):
+    return [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(n - 1)]
+
+
+def _values_and_grads(fn, args, cotangent):
+    out, vjps = mx.vjp(fn, list(args), [cotangent])
+    return np.array(out[0]), [np.array(g.astype(mx.float32)) for g in vjps]
+
+
+def _close(a, b, tol):
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() < tol, np.abs(a - b).max()
+
+
+@pytest.mark.parametrize("n_streams,length", [(1, 9), (2, 150), (3, 7), (3, 64)])
+def test_causal_attention_matches_the_fused_kernel(n_streams, length):
+    key = mx.random.key(0)
+    kq, kk, kv, kc = mx.random.split(key, 4)
+    q = mx.random.normal((2, 4, length, 8), key=kq)
+    k, v = mx.random.normal((2, 2, length, 8), key=kk), mx.random.normal((2, 2, length, 8), key=kv)
+    cotangent = mx.random.normal(q.shape, key=kc)
+    scale = 8 ** -0.5
+
+    def plain(q, k, v):
+        return [mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")]
+
+    def streamed(q, k, v):
+        return [cpu_streams.causal_attention(_streams(n_streams), scale)(q, k, v)]
+
+    want, want_grads = _values_and_grads(plain, (q, k, v), cotangent)
+    got, got_grads = _values_and_grads(streamed, (q, k, v), cotangent)
+    _close(got, want, 1e-5)
+    for g, w in zip(got_grads, want_grads):
+        _close(g, w, 1e-4)
+    # Compiled (as every training step is), the same.
+    got_compiled, _ = _values_and_grads(mx.compile(streamed), (q, k, v), cotangent)
+    _close(got_compiled, want, 1e-5)
+
+
+def test_causal_attention_keeps_a_bf16_input_bf16_and_computes_in_fp32():
+    q = mx.random.normal((1, 2, 130, 16), key=mx.random.key(1))
+    k = mx.random.normal((1, 2, 130, 16), key=mx.random.key(2))
+    attend = cpu_streams.causal_attention(_streams(2), 0.25)
+    out = attend(q.astype(mx.bfloat16), k.astype(mx.bfloat16), k.astype(mx.bfloat16))
+    assert out.dtype == mx.bfloat16
+    want = mx.fast.scaled_dot_product_attention(q, k, k, scale=0.25, mask="causal")
+    _close(np.array(out.astype(mx.float32)), np.array(want), 0.05)
+
+
+@pytest.mark.parametrize("n_streams,rows", [(1, 5), (2, 9), (3, 7), (3, 2)])
+def test_cross_entropy_matches_log_sum_exp(n_streams, rows):
+    logits = 4 * mx.random.normal((rows, 37), key=mx.random.key(3))
+    targets = mx.random.randint(0, 37, (rows,), key=mx.random.key(4))
+    cotangent = mx.random.normal((rows,), key=mx.random.key(5))
+
+    def plain(x):
+        return [mx.logsumexp(x, axis=-1) - mx.take_along_axis(x, targets[:, None], axis=-1)[:, 0]]
+
+    def streamed(x):
+        return [cpu_streams.cross_entropy(_streams(n_streams))(x, targets)]
+
+    want, (want_grad,) = _values_and_grads(plain, (logits,), cotangent)
+    got, (got_grad,) = _values_and_grads(streamed, (logits,), cotangent)
+    _close(got, want, 1e-5)
+    _close(got_grad, want_grad, 1e-5)
+
+
+@pytest.mark.parametrize("n_streams", [1, 2, 3])
+def test_silu_matches_x_times_its_sigmoid(n_streams):
+    x = 3 * mx.random.normal((11, 6), key=mx.random.key(6))
+    cotangent = mx.random.normal(x.shape, key=mx.random.key(7))
+    want, (want_grad,) = _values_and_grads(lambda x: [x * mx.sigmoid(x)], (x,), cotangent)
+    got, (got_grad,) = _values_and_grads(lambda x: [cpu_streams.silu(_streams(n_streams))(x)], (x,), cotangent)
+    _close(got, want, 1e-6)
+    _close(got_grad, want_grad, 1e-5)
+
+
+def test_tensors_spread_over_streams_largest_first_to_the_least_loaded():
+    index = cpu_streams.spread({"a": (10, 10), "b": (60,), "c": (50,), "d": (5,)}, 2)
+    assert index["a"] != index["b"] == index["c"] and index["d"] == index["a"]
+    assert set(cpu_streams.spread({"a": (3,), "b": (4,)}, 1).values()) == {0}
+
+
+def test_ops_give_each_tensor_a_stream_context_on_a_multi_core_cpu():
+    ops = MLXOps()
+    ops._streams = _streams(2)
+    lanes = ops.lanes({"a": (4, 4), "b": (3,)})
+    used = {}
+    for name, lane in lanes.items():
+        with lane:
+            used[name] = mx.default_stream(mx.cpu)
+    assert used["a"] != used["b"]
+    assert used["a"] in ops._streams and used["b"] in ops._streams

@@ -68,3 +68,11 @@ def test_a_childs_peak_memory_leaves_out_its_parents():
     code = "from tinylm.bench import _resident_peak_bytes as f; print(f())"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(child.stdout) < 300 * 2**20
+
+
+def test_the_data_bench_prepares_every_family_it_writes():
+    from tinylm.data import bench as data_bench
+
+    result = data_bench.run(target_mb=0.05, echo=False)
+    assert result["docs"] >= 30 and result["data_mb"] > 0.03  # each of its three families, 10 documents or more
+    assert result["prepare_mb_per_s"] > 0 and result["prepare_without_cleaning_mb_per_s"] > 0

@@ -81,16 +81,6 @@ def test_cross_entropy_matches_log_sum_exp(n_streams, rows):
     _close(got_grad, want_grad, 1e-5)
 
 
-@pytest.mark.parametrize("n_streams", [1, 2, 3])
-def test_silu_matches_x_times_its_sigmoid(n_streams):
-    x = 3 * mx.random.normal((11, 6), key=mx.random.key(6))
-    cotangent = mx.random.normal(x.shape, key=mx.random.key(7))
-    want, (want_grad,) = _values_and_grads(lambda x: [x * mx.sigmoid(x)], (x,), cotangent)
-    got, (got_grad,) = _values_and_grads(lambda x: [cpu_streams.silu(_streams(n_streams))(x)], (x,), cotangent)
-    _close(got, want, 1e-6)
-    _close(got_grad, want_grad, 1e-5)
-
-
 def test_tensors_spread_over_streams_largest_first_to_the_least_loaded():
     index = cpu_streams.spread({"a": (10, 10), "b": (60,), "c": (50,), "d": (5,)}, 2)
     assert index["a"] != index["b"] == index["c"] and index["d"] == index["a"]

@@ -7,6 +7,7 @@ gains stay on AdamW. Muon's update is scaled by 0.2 * sqrt(max(rows, cols)) so t
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from tinylm import config
@@ -126,9 +127,12 @@ def update(ops, cfg: OptimConfig, params: dict, grads: dict, state: dict, lr, st
     new_params, new_state = {}, {}
     bias1 = 1.0 - cfg.beta1**step
     bias2 = 1.0 - cfg.beta2**step
-    lanes = _lanes(ops, params)
+    # Muon's orthogonalization is matrix products, which use every core already: only the elementwise
+    # updates go to lanes (measured on MLX, 2 cores, mobilellm-125m: AdamW's update 0.84 -> 0.56 s; Muon's,
+    # spread as well, 6.9 -> 7.9 s).
+    lanes = _lanes(ops, {name: p for name, p in params.items() if not uses_muon(cfg, name)})
     for name, p in params.items():
-        with lanes[name]:
+        with lanes.get(name, contextlib.nullcontext()):
             new_params[name], new_state_of = _update_one(ops, cfg, name, p, grads[name], state, lr, bias1, bias2,
                                                          dtype)
         new_state.update(new_state_of)

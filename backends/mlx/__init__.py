@@ -39,8 +39,6 @@ _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16
 
 # Below this many queries, splitting attention across streams costs more in extra operations than it saves.
 _STREAMED_MIN_TIME = 128
-# Below this many values, an elementwise kernel split across streams gains less than its extra copies cost.
-_STREAMED_MIN_SIZE = 1 << 18
 
 
 class MLXOps:
@@ -78,8 +76,6 @@ class MLXOps:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
     def silu(self, x):
-        if len(self._streams) > 1 and x.size >= _STREAMED_MIN_SIZE:
-            return cpu_streams.silu(self._streams)(x.reshape(-1, x.shape[-1])).reshape(x.shape)
         return x * mx.sigmoid(x)
 
     def transpose(self, x, axes):

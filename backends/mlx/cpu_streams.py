@@ -1,4 +1,4 @@
-"""Cross-entropy, causal attention and SiLU for MLX on a CPU with several cores.
+"""Cross-entropy and causal attention for MLX on a CPU with several cores.
 
 Outside BLAS, MLX's CPU kernels run on one thread each (measured on 2 cores: exp at about 70M values/s, and
 these two kernels spend most of their time in exp), but every stream runs on a thread of its own. So here
@@ -65,31 +65,6 @@ def cross_entropy(streams: list):
         return mx.concatenate(grads), mx.zeros_like(targets)
 
     return lambda logits, targets: losses_and_lse(logits, targets)[0]
-
-
-def silu(streams: list):
-    """f(x (rows, width)) -> x * sigmoid(x), its sigmoid kept for the backward pass."""
-
-    @mx.custom_function
-    def silu_and_sigmoid(x):
-        outs, sigmoids = [], []
-        for stream, rows in _row_parts(streams, x.shape[0]):
-            with mx.stream(stream):
-                sig = mx.sigmoid(x[rows])
-                outs.append(x[rows] * sig)
-                sigmoids.append(sig)
-        return mx.concatenate(outs), mx.concatenate(sigmoids)
-
-    @silu_and_sigmoid.vjp
-    def silu_vjp(primals, cotangents, outputs):
-        x, grads = primals, []  # one argument: MLX hands it over alone, not in a tuple
-        for stream, rows in _row_parts(streams, x.shape[0]):
-            with mx.stream(stream):
-                sig = outputs[1][rows]
-                grads.append(cotangents[0][rows] * sig * (1 + x[rows] * (1 - sig)))
-        return mx.concatenate(grads)
-
-    return lambda x: silu_and_sigmoid(x)[0]
 
 
 def _query_blocks(streams: list, length: int) -> list:

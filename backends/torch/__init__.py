@@ -3,9 +3,8 @@ or CPU. Parameters stay float32; the core casts them to the compute dtype inside
 
 from __future__ import annotations
 
-import contextlib
-
 import atexit
+import contextlib
 import functools
 import os
 

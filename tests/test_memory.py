@@ -2,6 +2,9 @@
 block checkpointing (`train.activation_checkpointing`) against the plain computation, on both backends."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -158,3 +161,34 @@ def test_memory_bench_rows_on_a_small_head():
     assert {"name", "backend", "device", "dtype", "peak_memory_mb", "loss_chunk", "losses"} <= set(row)
     assert row["name"] == "micro-loss-head-memory" and row["loss_chunk"] == 48 and row["peak_memory_mb"] > 0
     assert abs(row["losses"][0] - whole["losses"][0]) < 1e-5
+
+
+_FREED_PROBE = """
+import sys, torch
+from tinylm.backends import get_backend
+get_backend("torch")
+
+def resident_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+before = resident_mib()
+x = torch.ones(256 * 2**20 // 4)  # 256 MiB, written
+del x
+print(resident_mib() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc tunables")
+@pytest.mark.parametrize("env,kept", [({}, True), ({"TINYLM_KEEP_FREED_MEMORY": "0"}, False),
+                                      ({"MALLOC_MMAP_THRESHOLD_": "65536"}, False)])
+def test_torch_on_a_cpu_keeps_freed_memory_for_reuse_unless_told_not_to(env, kept):
+    """The torch backend on a Linux CPU keeps a freed 256 MiB tensor's pages for the next allocation (no page
+    faults to map them again); opted out, or with malloc tuned by the environment, they go back to the system."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "TINYLM_KEEP_FREED_MEMORY"}
+    done = subprocess.run([sys.executable, "-c", _FREED_PROBE], env={**clean, **env}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    still_resident = float(done.stdout.split()[-1])
+    assert (still_resident > 200) == kept, still_resident

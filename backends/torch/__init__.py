@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import functools
 import os
+import sys
 
 import numpy as np
 import torch
@@ -197,6 +199,27 @@ def _split_like(flat, arrays: list) -> list:
     return [piece.view(a.shape) for piece, a in zip(flat.split([a.numel() for a in arrays]), arrays)]
 
 
+def _keep_freed_memory() -> bool:
+    """On Linux (glibc), serve every allocation from the heap and keep freed memory there for the next one.
+
+    PyTorch's CPU tensors come from malloc, and glibc maps each block over 32 MiB (a step's logits, their
+    gradient) afresh and unmaps it when freed, so every step pays a page fault per 4 KiB of them: measured on 2
+    cores, a 4,096 x 192 by 192 x 32,000 matmul took 271 ms into new memory and 167 ms into reused memory. Kept,
+    the `tiny` bench row ran 20% faster eager and 7% compiled, `mobilellm-125m` 16% faster, for a higher peak
+    resident size (+47% and +7%: freed blocks stay with the process). Left alone where the environment tunes
+    malloc itself (`MALLOC_*_` or `GLIBC_TUNABLES`) or `TINYLM_KEEP_FREED_MEMORY=0`. True if it took effect."""
+    if not sys.platform.startswith("linux") or os.environ.get("TINYLM_KEEP_FREED_MEMORY") == "0":
+        return False
+    if "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameters
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 class TorchBackend:
     name = "torch"
 
@@ -219,6 +242,8 @@ class TorchBackend:
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
                 torch.cuda.set_device(self.device)
         self.ops = TorchOps(self.device)
+        if self.device.type == "cpu":
+            _keep_freed_memory()
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

@@ -1,6 +1,10 @@
 """MLX's CPU kernels that split their work across streams give the plain kernels' values and gradients, for
 any number of streams, lengths that do not divide evenly, and grouped queries."""
 
+import glob
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -97,3 +101,14 @@ def test_ops_give_each_tensor_a_stream_context_on_a_multi_core_cpu():
             used[name] = mx.default_stream(mx.cpu)
     assert used["a"] != used["b"]
     assert used["a"] in ops._streams and used["b"] in ops._streams
+
+
+@pytest.mark.skipif(not glob.glob("/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so*")
+                    + glob.glob("/usr/lib/*-linux-gnu/libopenblas.so*"), reason="no OpenBLAS to load")
+@pytest.mark.parametrize("mlx_first", [True, False])
+def test_mlx_imported_before_the_backend_is_said_since_its_blas_is_then_the_slow_one(mlx_first):
+    first = "import mlx.core; " if mlx_first else ""
+    done = subprocess.run([sys.executable, "-W", "always", "-c", first + "import tinylm.backends.mlx"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ("imported before tinylm's MLX backend" in done.stderr) == mlx_first

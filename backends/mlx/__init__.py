@@ -8,6 +8,7 @@ import ctypes
 import glob
 import os
 import sys
+import warnings
 
 import numpy as np
 
@@ -17,10 +18,15 @@ from tinylm.errors import UserError
 def _load_openblas() -> None:
     # The Linux CPU wheel ships a reference BLAS; Debian's OpenBLAS, loaded globally before mlx, is
     # picked up by its symbols instead and makes fp32 matmul tens of times faster.
-    if not sys.platform.startswith("linux") or "mlx.core" in sys.modules or os.environ.get("TINYLM_NO_OPENBLAS"):
+    if not sys.platform.startswith("linux") or os.environ.get("TINYLM_NO_OPENBLAS"):
         return
     for pattern in ("/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so*", "/usr/lib/*-linux-gnu/libopenblas.so*"):
         for path in sorted(glob.glob(pattern)):
+            if "mlx.core" in sys.modules:  # too late: mlx has bound its own BLAS's symbols already
+                warnings.warn("mlx was imported before tinylm's MLX backend, so its matmuls run on the reference BLAS"
+                              " of its Linux wheel (tens of times slower): import tinylm.backends.mlx first",
+                              RuntimeWarning, stacklevel=2)
+                return
             try:
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
                 return

@@ -6,13 +6,6 @@ import pytest
 # fp32 reference math on CPU: keep thread counts fixed so runs are bit-for-bit repeatable.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-# tinylm's MLX backend loads OpenBLAS for MLX on a Linux CPU, which works only before mlx itself is imported:
-# test modules that import mlx.core at their top would otherwise run MLX on its wheel's reference BLAS.
-try:
-    import tinylm.backends.mlx  # noqa: F401, E402
-except ImportError:
-    pass
-
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

@@ -329,3 +329,17 @@ def test_sharded_parameters_accumulate_micro_batches_like_one_process(train):
     diff = _max_diff(_losses(single), _losses(double))
     print(f"torch 2 ranks sharded parameters, 2 micro-batches: max loss difference {diff:.2e}")
     assert diff < TOLERANCE
+
+
+def test_a_stand_in_for_a_tensor_another_rank_owns_holds_no_memory():
+    """What a rank passes to a collective in place of a tensor it does not keep (checkpoints, evaluation and
+    rollouts of a parameter-sharded run) has the tensor's shape and dtype but not its size in memory."""
+    import numpy as np
+
+    from tinylm.backends import get_backend
+
+    torch_stand_in = get_backend("torch").stand_in((4096, 576))
+    assert tuple(torch_stand_in.shape) == (4096, 576) and str(torch_stand_in.dtype) == "torch.float32"
+    assert torch_stand_in.untyped_storage().nbytes() <= 4
+    mlx_stand_in = get_backend("mlx").stand_in((3, 5))
+    assert tuple(mlx_stand_in.shape) == (3, 5) and np.array(mlx_stand_in).sum() == 0

@@ -152,11 +152,12 @@ class DataParallel:
         return None if full is None else {n: full[n] for n in self.shapes}
 
     def _stand_in(self, name: str, params: dict):
-        """`params[name]` where this rank has it whole, else zeros of its shape (what collectives size by)."""
+        """`params[name]` where this rank has it whole, else a stand-in of its shape that holds no memory: the
+        collectives that receive it size their buffers by it and never read it."""
         p = params[name]
         if tuple(p.shape) == self.shapes[name]:
             return p
-        return self.backend.from_numpy({name: np.zeros(self.shapes[name], np.float32)})[name]
+        return self.backend.stand_in(self.shapes[name])
 
     # The sharded optimizer. Unsharded, this rank owns every tensor and these are identities too.
     def owned(self, tensors: dict) -> dict:

@@ -289,6 +289,10 @@ class MLXBackend:
         mx.eval(received)
         return received
 
+    def stand_in(self, shape: tuple):
+        """A float32 array of `shape` to size a received buffer by (a broadcast zero, lazy until used)."""
+        return mx.broadcast_to(mx.array(0.0, dtype=mx.float32), tuple(shape))
+
     def barrier(self) -> None:
         if self.world_size > 1:
             mx.eval(mx.distributed.all_sum(mx.array(0.0), group=self._group))

@@ -393,6 +393,10 @@ class TorchBackend:
             return _split_like(flat, arrays)
         return arrays
 
+    def stand_in(self, shape: tuple):
+        """A float32 tensor of `shape` that holds no memory (one zero, expanded), to size a received buffer by."""
+        return torch.zeros((), dtype=torch.float32, device=self.device).expand(tuple(shape))
+
     def gather_owned(self, local, owner: int, shape: tuple, dtype: str):
         """Parameter sharding's one collective: the whole of a tensor that rank `owner` keeps (`local` there,
         an empty stand-in elsewhere), in the compute dtype; its gradient goes back to the owner as the mean over

@@ -96,8 +96,9 @@ def clip_by_global_norm(ops, grads: dict, max_norm: float, norm=None):
 
 def _lanes(ops, tensors: dict) -> dict:
     # Each tensor's work in the lane the backend gives it (`ops.lanes`: MLX on a multi-core CPU spreads
-    # tensors over streams, since its kernels run on one thread each). The same tensors get the same lanes in
-    # every function here, so one tensor's norm, clipping and update run on one stream.
+    # tensors over streams, since its kernels run on one thread each). The same set of tensors gets the same
+    # lanes in every function here, so without sharding (where norm, clipping and update all see every
+    # parameter) one tensor's norm, clipping and update run on one stream.
     return ops.lanes({name: t.shape for name, t in tensors.items()})
 
 
@@ -130,9 +131,9 @@ def update(ops, cfg: OptimConfig, params: dict, grads: dict, state: dict, lr, st
     # Muon's orthogonalization is matrix products, which use every core already: only the elementwise
     # updates go to lanes (measured on MLX, 2 cores, mobilellm-125m: AdamW's update 0.84 -> 0.56 s; Muon's,
     # spread as well, 6.9 -> 7.9 s).
-    lanes = _lanes(ops, {name: p for name, p in params.items() if not uses_muon(cfg, name)})
+    lanes = _lanes(ops, params)
     for name, p in params.items():
-        with lanes.get(name, contextlib.nullcontext()):
+        with contextlib.nullcontext() if uses_muon(cfg, name) else lanes[name]:
             new_params[name], new_state_of = _update_one(ops, cfg, name, p, grads[name], state, lr, bias1, bias2,
                                                          dtype)
         new_state.update(new_state_of)

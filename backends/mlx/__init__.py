@@ -230,7 +230,7 @@ class MLXBackend:
         `compile` overrides the backend's setting for this step (None keeps it).
         """
         step = mx.value_and_grad(fn)
-        step = mx.compile(step) if (self.use_compile if compile is None else compile) else step
+        step = mx.compile(step) if self._compiles(compile) else step
 
         def wrapped(params, *args, on_grad=None):
             value, grads = step(params, *args)
@@ -243,7 +243,10 @@ class MLXBackend:
     def pure_step(self, fn, compile: bool | None = None):
         """A function of arrays with no gradient (the optimizer update, evaluation), compiled if asked (`compile`
         overrides the backend's setting; None keeps it)."""
-        return mx.compile(fn) if (self.use_compile if compile is None else compile) else fn
+        return mx.compile(fn) if self._compiles(compile) else fn
+
+    def _compiles(self, compile: bool | None) -> bool:
+        return self.use_compile if compile is None else compile
 
     def fused_adamw(self, cfg):
         """None: MLX compiles the core rule into fused kernels itself (`pure_step`)."""

@@ -11,14 +11,17 @@ to float rounding.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
 import mlx.core as mx
 
 
+@functools.cache
 def core_streams() -> list:
-    """One CPU stream per core this process may use (the default stream first); one stream on one core."""
+    """One CPU stream per core this process may use (the default stream first); one stream on one core. Made
+    once per process: each stream has a thread of its own, and every backend made after the first shares them."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(cores - 1)]
 
@@ -105,7 +108,7 @@ def causal_attention(streams: list, scale: float):
     def attention_vjp(primals, cotangents, outputs):
         q, k, v = primals
         qg, kg, vg = grouped(q, k, v)
-        b, kv, rep, t, d = qg.shape
+        t = q.shape[2]
         dout = cotangents[0].astype(mx.float32).reshape(qg.shape)
         out = outputs[0].astype(mx.float32).reshape(qg.shape)
         dqs, dks, dvs = [], [], []

@@ -90,7 +90,8 @@ def test_clipping_bounds_the_global_norm():
     assert total == pytest.approx(1.0, rel=1e-4)
 
 
-def test_fused_adamw_kernel_matches_the_core_rule():
+@pytest.mark.parametrize("grad_clip", [0.0, 0.05])
+def test_fused_adamw_kernel_matches_the_core_rule(grad_clip):
     pytest.importorskip("torch")
     from tinylm import model
     from tinylm.backends.torch import TorchBackend
@@ -104,13 +105,14 @@ def test_fused_adamw_kernel_matches_the_core_rule():
     results = []
     for fused in (False, True):
         backend = TorchBackend(fused_adamw=fused)
-        module = TrainModule(backend, shape, OptimConfig(lr=3e-3, weight_decay=0.1))
+        module = TrainModule(backend, shape, OptimConfig(lr=3e-3, weight_decay=0.1, grad_clip=grad_clip))
         params = backend.from_numpy(weights)
         state = module.init_state(params)
         losses = []
         for step in range(5):
-            params, state, loss, _ = module.step(params, state, [batch], 3e-3, step + 1)
+            params, state, loss, norm = module.step(params, state, [batch], 3e-3, step + 1)
             losses.append(loss)
+            assert norm > 2 * grad_clip  # with clipping on, it scales every step's gradient (in the kernel)
         results.append((losses, backend.to_numpy(params)))
     (plain_losses, plain), (fused_losses, fused_params) = results
     assert np.allclose(plain_losses, fused_losses, atol=1e-5)

@@ -80,13 +80,21 @@ def global_norm(ops, grads: dict):
     return ops.sqrt(sum_of_squares(ops, grads))
 
 
+def clip_scale(ops, norm, max_norm: float):
+    """The factor that brings a gradient of global norm `norm` down to `max_norm` (1 where it is below);
+    None with clipping off (`max_norm` 0)."""
+    if max_norm <= 0:
+        return None
+    return ops.minimum(ops.scalar(1.0), max_norm / (norm + 1e-6))
+
+
 def clip_by_global_norm(ops, grads: dict, max_norm: float, norm=None):
     """Returns (clipped grads, norm before clipping). `norm`, if given, is the norm of the whole gradient that
     `grads` is a part of (the tensors one rank updates under a sharded optimizer)."""
     norm = global_norm(ops, grads) if norm is None else norm
-    if max_norm <= 0:
+    scale = clip_scale(ops, norm, max_norm)
+    if scale is None:
         return grads, norm
-    scale = ops.minimum(ops.scalar(1.0), max_norm / (norm + 1e-6))
     clipped, lanes = {}, _lanes(ops, grads)
     for name, g in grads.items():
         with lanes[name]:
@@ -122,9 +130,11 @@ def newton_schulz(ops, g, steps: int, dtype: str = "float32"):
     return x.T if tall else x
 
 
-def update(ops, cfg: OptimConfig, params: dict, grads: dict, state: dict, lr, step, dtype: str = "float32"):
+def update(ops, cfg: OptimConfig, params: dict, grads: dict, state: dict, lr, step, dtype: str = "float32",
+           grad_scale=None):
     """One optimizer step. `lr` and `step` (1-based) are backend scalars so compiled steps are reused; `dtype`
-    is the run's compute dtype, which Muon's orthogonalization runs in."""
+    is the run's compute dtype, which Muon's orthogonalization runs in; `grad_scale` (a backend scalar, the
+    clipping factor of `clip_scale`), if given, multiplies every gradient first."""
     new_params, new_state = {}, {}
     bias1 = 1.0 - cfg.beta1**step
     bias2 = 1.0 - cfg.beta2**step
@@ -134,8 +144,8 @@ def update(ops, cfg: OptimConfig, params: dict, grads: dict, state: dict, lr, st
     lanes = _lanes(ops, params)
     for name, p in params.items():
         with contextlib.nullcontext() if uses_muon(cfg, name) else lanes[name]:
-            new_params[name], new_state_of = _update_one(ops, cfg, name, p, grads[name], state, lr, bias1, bias2,
-                                                         dtype)
+            g = grads[name] if grad_scale is None else grads[name] * grad_scale
+            new_params[name], new_state_of = _update_one(ops, cfg, name, p, g, state, lr, bias1, bias2, dtype)
         new_state.update(new_state_of)
     return new_params, new_state
 

@@ -40,16 +40,17 @@ class TrainModule:
 
         fused = backend.fused_adamw(optim_cfg)
 
-        def core_update(params, grads, state, lr, step):
-            return optim.update(ops, optim_cfg, params, grads, state, lr, step, compute.dtype)
+        def core_update(params, grads, state, lr, step, grad_scale):
+            return optim.update(ops, optim_cfg, params, grads, state, lr, step, compute.dtype, grad_scale)
 
         update = fused or core_update
 
         def apply(params, state, grads, lr, step):
-            # Clipped by the norm of the whole gradient, whichever tensors this rank updates.
+            # Clipped by the norm of the whole gradient, whichever tensors this rank updates; the clipping
+            # factor goes into the update, which a fused kernel applies as it reads each gradient.
             norm = parallel.global_norm(ops, grads)
-            grads, _ = optim.clip_by_global_norm(ops, parallel.owned(grads), optim_cfg.grad_clip, norm)
-            updated, state = update(parallel.owned(params), grads, state, lr, step)
+            scale = optim.clip_scale(ops, norm, optim_cfg.grad_clip)
+            updated, state = update(parallel.owned(params), parallel.owned(grads), state, lr, step, scale)
             return {**params, **updated}, state, norm
 
         def token_losses(params, batch):

@@ -50,7 +50,7 @@ def test_a_compiled_case_gets_its_own_row_with_the_same_losses(monkeypatch):
 
     monkeypatch.setattr(bench, "CASES", (("micro", ModelConfig(preset="micro"), 32, 2, 2),))
     monkeypatch.setattr(bench, "EXTRA_DTYPES", {})
-    monkeypatch.setattr(bench, "COMPILED", {("torch", "micro")})
+    monkeypatch.setattr(bench, "COMPILED", {("torch", "micro"): ("float32",)})
     rows = bench.case_rows(get_backend("torch"), "micro", {"float32": (1e11, "given")}, lambda line: None)
     assert [(r["dtype"], r["compiled"]) for r in rows] == [("float32", False), ("float32", True)]
     # Two more untimed steps for the compiled row; the first two losses come from the same weights and batch.

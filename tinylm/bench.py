@@ -104,11 +104,12 @@ CASES = (
     ("mobilellm-125m", ModelConfig(preset="mobilellm-125m", vocab_size=32000), 512, 2, 3),
 )
 # Cases measured again in another compute dtype, a row each, on the backends where that dtype can pay off:
-# bf16 on torch (AMX CPUs, GPUs). MLX's bf16 matmul on a Linux CPU is slower than its fp32.
-EXTRA_DTYPES = {("torch", "mobilellm-125m"): ("bfloat16",)}
-# Cases measured again with the step compiled by torch.compile (`train.compile = true`), a row each: the small
-# ones, where per-operation overhead rules. MLX compiles its step by default.
-COMPILED = {("torch", "nanogpt-shape"), ("torch", "tiny")}
+# bf16 on torch (AMX CPUs, GPUs), which is what `train.dtype = "auto"` picks for these shapes on an AMX CPU.
+# MLX's bf16 matmul on a Linux CPU is slower than its fp32.
+EXTRA_DTYPES = {("torch", "nanogpt-shape"): ("bfloat16",), ("torch", "mobilellm-125m"): ("bfloat16",)}
+# Cases measured again with the step compiled by torch.compile (`train.compile = true`), a row per compute
+# dtype listed: the small ones, where per-operation overhead rules. MLX compiles its step by default.
+COMPILED = {("torch", "nanogpt-shape"): ("float32", "bfloat16"), ("torch", "tiny"): ("float32",)}
 # On a CUDA device the cases above are too small to occupy it; these are sized for an 80-141 GB GPU and each
 # runs in fp32 (TF32 matmuls), in bf16, and in bf16 with the step compiled by torch.compile.
 GPU_CASES = (
@@ -184,21 +185,25 @@ def gpu_rows(backend, peaks: dict, echo=print) -> list[dict]:
     return rows
 
 
+def _variant(row: dict) -> str:
+    return row["dtype"] + ("+compile" if row.get("compiled") else "")
+
+
 def _say(row: dict, echo, fp32: dict | None = None) -> None:
     versus = f"  ({row['tokens_per_s'] / fp32['tokens_per_s']:.2f}x fp32)" if fp32 else ""
-    dtype = row["dtype"] + ("+compile" if row.get("compiled") else "")
+    dtype = _variant(row)
     echo(f"  {row['name']:16s} {dtype:8s} seq {row['seq_len']}: {row['tokens_per_s']:9,.1f} tok/s  "
          f"MFU {100 * row['mfu']:5.1f}%  losses {', '.join(f'{v:.4f}' for v in row['losses'])}{versus}")
 
 
 def case_rows(backend, row_name: str, peaks: dict | None = None, echo=print) -> list[dict]:
     """A case's fp32 row, then a row per dtype `EXTRA_DTYPES` adds on this backend, each MFU against its own
-    dtype's peak (`peaks`: {dtype: (FLOP/s, source)}; default: measured afresh), then a compiled fp32 row where
-    `COMPILED` asks for one. `make bench` runs every case this way; one case alone:
+    dtype's peak (`peaks`: {dtype: (FLOP/s, source)}; default: measured afresh), then a compiled row per dtype
+    `COMPILED` lists. `make bench` runs every case this way; one case alone:
     `case_rows(get_backend("torch"), "mobilellm-125m")`."""
-    variants = [(dtype, False) for dtype in ("float32", *EXTRA_DTYPES.get((backend.name, row_name), ()))]
-    if (backend.name, row_name) in COMPILED:
-        variants.append(("float32", True))
+    key = (backend.name, row_name)
+    variants = [(dtype, False) for dtype in ("float32", *EXTRA_DTYPES.get(key, ()))]
+    variants += [(dtype, True) for dtype in COMPILED.get(key, ())]
     rows = []
     for dtype, compiled in variants:
         peak = peaks[dtype] if peaks else cached_peak(backend, dtype, refresh=True)
@@ -232,8 +237,8 @@ def run(backends=("torch", "mlx"), out: str | Path = "bench.json", echo=print) -
                             _peak_memory_mb(backend), base_losses)
                 base.update(seq_len=seq_len, batch_size=batch)
                 report["train"].append(base)
-                echo(f"  {'  plain eager GPT':25s} seq {seq_len}: {base_tps:9,.1f} tok/s  "
-                     f"(tinylm {rows[0]['tokens_per_s'] / base_tps:.2f}x)")
+                versus = ", ".join(f"{_variant(r)} {r['tokens_per_s'] / base_tps:.2f}x" for r in rows)
+                echo(f"  {'  plain eager GPT':25s} seq {seq_len}: {base_tps:9,.1f} tok/s  (tinylm {versus})")
         if on_cuda[name]:
             report["train"].extend(gpu_rows(backend, peaks, echo))
         report.setdefault("rollouts", []).extend(rollouts([name], echo))

@@ -45,29 +45,38 @@ def cross_entropy(streams: list):
     """f(logits (rows, vocabulary) float32, targets (rows,)) -> per-row negative log-likelihood."""
 
     @mx.custom_function
-    def losses_and_lse(logits, targets):
-        losses, lses = [], []
+    def losses_and_exps(logits, targets):
+        # Each part's exp(logits - row max) is kept for the backward pass, which then needs no exp of its own:
+        # exp is most of this kernel's time, and the kept array is the size of the logits the backward pass
+        # would otherwise read again.
+        losses, exps, sums = [], [], []
         for stream, rows in _row_parts(streams, logits.shape[0]):
             with mx.stream(stream):
                 x = logits[rows]
-                lse = mx.logsumexp(x, axis=-1)
-                losses.append(lse - mx.take_along_axis(x, targets[rows][:, None], axis=-1)[:, 0])
-                lses.append(lse)
-        return mx.concatenate(losses), mx.concatenate(lses)
+                top = mx.stop_gradient(x.max(axis=-1, keepdims=True))
+                e = mx.exp(x - top)
+                total = e.sum(axis=-1)
+                picked = mx.take_along_axis(x, targets[rows][:, None], axis=-1)[:, 0]
+                losses.append(mx.log(total) + top[:, 0] - picked)
+                exps.append(e)
+                sums.append(total)
+        return [mx.concatenate(losses)] + exps + sums
 
-    @losses_and_lse.vjp
-    def losses_and_lse_vjp(primals, cotangents, outputs):
-        # The softmax made again from the saved log-sum-exp, minus one at the target: one pass per part.
+    @losses_and_exps.vjp
+    def losses_and_exps_vjp(primals, cotangents, outputs):
+        # softmax * g minus g at the target, the softmax being the kept exps over their row sums.
         logits, targets = primals
+        parts = _row_parts(streams, logits.shape[0])
+        exps, sums = outputs[1:1 + len(parts)], outputs[1 + len(parts):]
         grads = []
-        for stream, rows in _row_parts(streams, logits.shape[0]):
+        for (stream, rows), e, total in zip(parts, exps, sums):
             with mx.stream(stream):
                 g, t = cotangents[0][rows][:, None], targets[rows][:, None]
-                d = mx.exp(logits[rows] - outputs[1][rows][:, None]) * g
+                d = e * (g / total[:, None])
                 grads.append(mx.put_along_axis(d, t, mx.take_along_axis(d, t, axis=-1) - g, axis=-1))
         return mx.concatenate(grads), mx.zeros_like(targets)
 
-    return lambda logits, targets: losses_and_lse(logits, targets)[0]
+    return lambda logits, targets: losses_and_exps(logits, targets)[0]
 
 
 def _query_blocks(streams: list, length: int) -> list:

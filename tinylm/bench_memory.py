@@ -54,7 +54,7 @@ def loss_head_memory(backend_name: str, preset: str, batch_size: int, seq_len: i
     ops = backend.ops
 
     def loss(p, targets):
-        return model.chunked_head(ops, p["hidden"], p["head"], loss_chunk, ops.cross_entropy, (targets,)).mean()
+        return model.chunked_head(ops, p["hidden"], p["head"], loss_chunk, ops.linear_cross_entropy, (targets,)).mean()
 
     t0 = time.perf_counter()
     value, grads = backend.grad_step(loss)(params, targets)

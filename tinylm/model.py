@@ -294,12 +294,13 @@ def cast_params(ops, params, compute_dtype: str):
 
 
 def chunked_head(ops, hidden, head, chunk: int, fn, arrays=()):
-    """`fn(hidden @ head.T, *arrays)` -> (batch, time) for `hidden` (batch, time, dim), each of `arrays`
-    (batch, time, ...) read per token beside its logits, `chunk` tokens at a time (0: all at once). `fn` must
-    work per token (a token's result depends on its own rows alone) and on logits of any rank."""
+    """`fn(hidden, head, *arrays)` -> (batch, time) for `hidden` (batch, time, dim), each of `arrays` (batch,
+    time, ...) read per token beside it, `chunk` tokens at a time (0: all at once). `fn` computes from a
+    token's hidden state and the head (`on_logits` makes one of a function of logits) and must work per token
+    (a token's result depends on its own rows alone) and on hidden states of any rank."""
     b, t = hidden.shape[0], hidden.shape[1]
     if not chunk or chunk >= b * t:  # one chunk is the whole batch: nothing to gain from recomputing it
-        return fn(ops.linear(hidden, head), *arrays)
+        return fn(hidden, head, *arrays)
     hidden = hidden.reshape(b * t, hidden.shape[-1])
     arrays = [a.reshape((b * t,) + tuple(a.shape[2:])) for a in arrays]
     out = []
@@ -308,10 +309,15 @@ def chunked_head(ops, hidden, head, chunk: int, fn, arrays=()):
         # Kept for the backward pass: the chunk's hidden states and the head, not its (chunk, vocab) logits. The
         # head passes through each chunk into the next, which orders the chunks (MLX would run them side by
         # side, every chunk's logits at once) and adds up its gradient chunk by chunk, in reverse.
-        part = ops.checkpoint(lambda h, w, rows=rows: (fn(ops.linear(h, w), *rows), w))
+        part = ops.checkpoint(lambda h, w, rows=rows: (fn(h, w, *rows), w))
         losses, head = part(hidden[s:s + chunk], head)
         out.append(losses)
     return ops.concat(out, axis=0).reshape(b, t)
+
+
+def on_logits(ops, fn):
+    """`fn(logits, *arrays)` as a function of (hidden states, head, *arrays), for `chunked_head`."""
+    return lambda hidden, head, *arrays: fn(ops.linear(hidden, head), *arrays)
 
 
 def per_token(ops, params, inputs, shape: ModelShape, compute: Compute, fn, arrays=(), mask="causal",
@@ -328,4 +334,4 @@ def token_losses(ops, params, inputs, targets, shape: ModelShape, compute: Compu
                  positions=None):
     """Next-token cross-entropy (nats) of every position: `targets[b, t]` given `inputs[b, :t + 1]`, computed
     as `compute` says. `mask` and `positions` as in `hidden_states` (packed rows pass both)."""
-    return per_token(ops, params, inputs, shape, compute, ops.cross_entropy, (targets,), mask, positions)
+    return per_token(ops, params, inputs, shape, compute, ops.linear_cross_entropy, (targets,), mask, positions)

@@ -93,7 +93,8 @@ def distill(cfg: DistillConfig):
     def objective(ops, params, batch, shape, compute=PLAIN):
         # The teacher's arrays go through `model.per_token` beside the logits, so loss chunking covers them.
         arrays = [batch[k] for k in ("targets", "teacher_logprobs", "teacher_ids") if k in batch]
-        losses = model.per_token(ops, params, batch["inputs"], shape, compute, functools.partial(per_token, ops),
+        losses = model.per_token(ops, params, batch["inputs"], shape, compute,
+                                 model.on_logits(ops, functools.partial(per_token, ops)),
                                  arrays, batch.get("mask", "causal"), batch.get("positions"))
         return (losses * batch["weights"]).sum()
 

@@ -102,6 +102,10 @@ class MLXOps:
         picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         return mx.logsumexp(logits, axis=-1) - picked
 
+    def linear_cross_entropy(self, hidden, head, targets):
+        """`cross_entropy(linear(hidden, head), targets)`."""
+        return self.cross_entropy(self.linear(hidden, head), targets)
+
     def log_softmax(self, logits):
         logits = logits.astype(mx.float32)
         return logits - mx.logsumexp(logits, axis=-1, keepdims=True)

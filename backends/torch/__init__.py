@@ -34,6 +34,71 @@ def _(positions, dim, theta, dtype):
     return positions.new_empty(shape, dtype=dtype), positions.new_empty(shape, dtype=dtype)
 
 
+# Logits over this many bytes get a fresh mapping from glibc's malloc every step, and a page fault per 4 KiB:
+# above it, cross-entropy on a CPU runs fused with the output head (`linear_cross_entropy`).
+_FRESH_MAPPING_BYTES = 32 << 20
+# Rows of logits per block of the fused cross-entropy's passes: a block stays in cache from one pass to the next.
+_BLOCK_BYTES = 4 << 20
+
+
+@torch.library.custom_op("tinylm::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-row cross-entropy, softmax) of the float32 logits hidden @ head.T, for hidden (rows, dim). The
+    logits become the softmax in place, block by block, one exp per logit; the backward pass turns the same
+    array into the logits' gradient in place. One logits-sized array in all, where the composed computation
+    has the logits and then their gradient, each freshly mapped."""
+    probs = torch.mm(hidden, head.t())
+    picked = probs.gather(1, targets[:, None])[:, 0]
+    lse = torch.empty_like(picked)
+    step = max(1, _BLOCK_BYTES // (4 * probs.shape[1]))
+    for start in range(0, probs.shape[0], step):
+        block = probs[start:start + step]
+        top = block.amax(1, keepdim=True)
+        sums = block.sub_(top).exp_().sum(1, keepdim=True)
+        block.div_(sums)
+        lse[start:start + step] = (top + sums.log())[:, 0]
+    return lse - picked, probs
+
+
+@_linear_cross_entropy.register_fake
+def _(hidden, head, targets):
+    return hidden.new_empty(hidden.shape[0]), hidden.new_empty(hidden.shape[0], head.shape[0])
+
+
+@torch.library.custom_op("tinylm::linear_cross_entropy_backward", mutates_args=())
+def _linear_cross_entropy_backward(grad: torch.Tensor, probs: torch.Tensor, hidden: torch.Tensor,
+                                   head: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradient of hidden, gradient of head) from the forward's softmax, which becomes the logits' gradient in
+    place: it is this pair's own array, read by nothing else (so not declared as mutated, which would make a
+    compiled graph copy it first)."""
+    grad = grad.contiguous()
+    probs.mul_(grad[:, None]).scatter_add_(1, targets[:, None], -grad[:, None])
+    return probs @ head, probs.t() @ hidden
+
+
+@_linear_cross_entropy_backward.register_fake
+def _(grad, probs, hidden, head, targets):
+    return hidden.new_empty(hidden.shape), hidden.new_empty(head.shape)
+
+
+def _linear_cross_entropy_setup(ctx, inputs, output):
+    hidden, head, targets = inputs
+    ctx.save_for_backward(hidden, head, targets, output[1])
+    # The softmax is the pair's own array, never differentiated: no logits-sized gradient of zeros for it.
+    ctx.set_materialize_grads(False)
+
+
+def _linear_cross_entropy_grad(ctx, grad, _probs_grad):
+    hidden, head, targets, probs = ctx.saved_tensors
+    grad_hidden, grad_head = torch.ops.tinylm.linear_cross_entropy_backward(grad, probs, hidden, head, targets)
+    return grad_hidden, grad_head, None
+
+
+torch.library.register_autograd("tinylm::linear_cross_entropy", _linear_cross_entropy_grad,
+                                setup_context=_linear_cross_entropy_setup)
+
+
 class _CrossEntropy(torch.autograd.Function):
     """Per-row cross-entropy of float32 logits (rows, vocabulary): log-sum-exp minus the target's logit. The
     backward is one pass over the logits (softmax from the saved log-sum-exp, minus one at the target) into one
@@ -130,6 +195,18 @@ class TorchOps:
             return _CrossEntropy.apply(flat, targets_flat).reshape(targets.shape)
         # CUDA: PyTorch's own fused kernels (the figures measured on a GPU used them).
         return F.cross_entropy(flat, targets_flat, reduction="none").reshape(targets.shape)
+
+    def linear_cross_entropy(self, hidden, head, targets):
+        """`cross_entropy(linear(hidden, head), targets)`; on a CPU, for float32 logits too large for malloc to
+        reuse, in one fused operation (`_linear_cross_entropy`). Measured on 2 cores at 4,096 x 192 by 32,000,
+        forward and backward: 0.65 s against 1.0 s eager and 0.72 s compiled, the same loss and gradients."""
+        rows = hidden.numel() // hidden.shape[-1]
+        if (hidden.device.type != "cpu" or hidden.dtype != torch.float32
+                or 4 * rows * head.shape[0] <= _FRESH_MAPPING_BYTES):
+            return self.cross_entropy(self.linear(hidden, head), targets)
+        losses, _ = torch.ops.tinylm.linear_cross_entropy(hidden.reshape(rows, hidden.shape[-1]), head,
+                                                          targets.reshape(-1))
+        return losses.reshape(targets.shape)
 
     def log_softmax(self, logits):
         return F.log_softmax(logits.float(), dim=-1)

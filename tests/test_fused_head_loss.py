@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import tinylm.backends.torch as torch_backend  # noqa: E402
+from tinylm.backends.torch import kernels  # noqa: E402
 from tinylm import model, objectives  # noqa: E402
 from tinylm.backends import get_backend  # noqa: E402
 from tinylm.model import Compute, ModelConfig, resolve  # noqa: E402
@@ -17,8 +17,8 @@ from tinylm.train_module import TrainModule  # noqa: E402
 @pytest.fixture
 def always_fused(monkeypatch):
     """The fused path for logits of any size (it normally starts at 32 MiB of them)."""
-    monkeypatch.setattr(torch_backend, "_FRESH_MAPPING_BYTES", 0)
-    monkeypatch.setattr(torch_backend, "_BLOCK_BYTES", 4 * 70 * 3)  # three rows a block: a short last block
+    monkeypatch.setattr(kernels, "FRESH_MAPPING_BYTES", 0)
+    monkeypatch.setattr(kernels, "BLOCK_BYTES", 4 * 70 * 3)  # three rows a block: a short last block
 
 
 def _head_case(rows=50, dim=24, vocab=70, seed=0):
@@ -61,7 +61,7 @@ def test_small_logits_and_other_dtypes_take_the_composed_path(monkeypatch):
     ops, calls = get_backend("torch").ops, _recording(monkeypatch)
     hidden, head, targets, _ = _head_case()
     ops.linear_cross_entropy(hidden, head, targets)  # 50 x 70 float32 logits: far below 32 MiB
-    monkeypatch.setattr(torch_backend, "_FRESH_MAPPING_BYTES", 0)
+    monkeypatch.setattr(kernels, "FRESH_MAPPING_BYTES", 0)
     ops.linear_cross_entropy(hidden.bfloat16(), head.bfloat16(), targets)  # bf16 logits: composed
     assert calls == []
     ops.linear_cross_entropy(hidden, head, targets)
@@ -75,7 +75,7 @@ def test_a_training_step_is_the_same_with_the_fused_head(monkeypatch, compute):
     tokens = np.random.default_rng(1).integers(0, shape.vocab_size, (2, 33))
     out = []
     for fused in (False, True):
-        monkeypatch.setattr(torch_backend, "_FRESH_MAPPING_BYTES", 0 if fused else 1 << 62)
+        monkeypatch.setattr(kernels, "FRESH_MAPPING_BYTES", 0 if fused else 1 << 62)
         calls = _recording(monkeypatch)
         b = get_backend("torch")
         module = TrainModule(b, shape, OptimConfig(lr=3e-3), compute, objectives.lm)

@@ -32,8 +32,8 @@ BLOCK_BYTES = 4 << 20
 
 
 @torch.library.custom_op("tinylm::linear_cross_entropy", mutates_args=())
-def linear_cross_entropy(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_cross_entropy(hidden: torch.Tensor, head: torch.Tensor,
+                         targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-row cross-entropy, softmax) of the float32 logits hidden @ head.T, for hidden (rows, dim). The
     logits become the softmax in place, block by block, one exp per logit; the backward pass turns the same
     array into the logits' gradient in place. One logits-sized array in all, where the composed computation
@@ -61,7 +61,8 @@ def linear_cross_entropy_backward(grad: torch.Tensor, probs: torch.Tensor, hidde
                                    head: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(gradient of hidden, gradient of head) from the forward's softmax, which becomes the logits' gradient in
     place: it is this pair's own array, read by nothing else (so not declared as mutated, which would make a
-    compiled graph copy it first)."""
+    compiled graph copy it first). Hence one backward pass per forward pass: tinylm never keeps a graph for a
+    second (`retain_graph`)."""
     grad = grad.contiguous()
     probs.mul_(grad[:, None]).scatter_add_(1, targets[:, None], -grad[:, None])
     return probs @ head, probs.t() @ hidden

@@ -80,12 +80,15 @@ def test_addmm_is_a_scaled_product_plus_a_scaled_term(backend_name):
 
 def test_clipping_bounds_the_global_norm():
     from tinylm.backends import get_backend
-    from tinylm.optim import clip_by_global_norm
+    from tinylm.optim import clip_scale, global_norm
 
     b = get_backend("torch")
     grads = b.from_numpy({"a": np.full((4,), 3.0, np.float32), "b": np.full((2, 2), 4.0, np.float32)})
-    clipped, norm = clip_by_global_norm(b.ops, grads, 1.0)
+    norm = global_norm(b.ops, grads)
     assert float(norm) == pytest.approx(10.0)
+    assert clip_scale(b.ops, norm, 0.0) is None  # clipping off
+    assert float(clip_scale(b.ops, norm, 20.0)) == 1.0  # below the bound: unchanged
+    clipped = {k: g * clip_scale(b.ops, norm, 1.0) for k, g in grads.items()}
     total = np.sqrt(sum((v.numpy() ** 2).sum() for v in clipped.values()))
     assert total == pytest.approx(1.0, rel=1e-4)
 

@@ -88,25 +88,11 @@ def clip_scale(ops, norm, max_norm: float):
     return ops.minimum(ops.scalar(1.0), max_norm / (norm + 1e-6))
 
 
-def clip_by_global_norm(ops, grads: dict, max_norm: float, norm=None):
-    """Returns (clipped grads, norm before clipping). `norm`, if given, is the norm of the whole gradient that
-    `grads` is a part of (the tensors one rank updates under a sharded optimizer)."""
-    norm = global_norm(ops, grads) if norm is None else norm
-    scale = clip_scale(ops, norm, max_norm)
-    if scale is None:
-        return grads, norm
-    clipped, lanes = {}, _lanes(ops, grads)
-    for name, g in grads.items():
-        with lanes[name]:
-            clipped[name] = g * scale
-    return clipped, norm
-
-
 def _lanes(ops, tensors: dict) -> dict:
     # Each tensor's work in the lane the backend gives it (`ops.lanes`: MLX on a multi-core CPU spreads
     # tensors over streams, since its kernels run on one thread each). The same set of tensors gets the same
-    # lanes in every function here, so without sharding (where norm, clipping and update all see every
-    # parameter) one tensor's norm, clipping and update run on one stream.
+    # lanes in every function here, so without sharding (where the norm and the update, which applies the
+    # clipping factor, both see every parameter) one tensor's norm, clipping and update run on one stream.
     return ops.lanes({name: t.shape for name, t in tensors.items()})
 
 

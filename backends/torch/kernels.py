@@ -11,7 +11,8 @@ import torch
 
 
 @torch.library.custom_op("tinylm::rope_tables", mutates_args=())
-def rope_tables(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(positions: torch.Tensor, dim: int, theta: float,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE's cos and sin tables, (*positions.shape, dim / 2), for integer `positions`."""
     inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
     angles = positions.to(torch.float32)[..., None] * inv

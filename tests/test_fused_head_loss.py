@@ -103,3 +103,29 @@ def test_the_fused_head_compiles_to_the_same_losses_and_gradients(always_fused):
         got = _losses_and_grads(compiled, *case)
         for a, b in zip(got, want):
             assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max())
+
+
+def test_the_workspace_lends_an_array_until_the_backward_pass_has_read_it():
+    pool = kernels.Workspace()
+    cpu = torch.device("cpu")
+    first = pool.take(4, 5, cpu)
+    second = pool.take(4, 5, cpu)  # the first is still held: a second array
+    assert first.shape == (4, 5) and first.data_ptr() != second.data_ptr()
+    address = first.data_ptr()
+    del first, second
+    again = pool.take(3, 5, cpu)  # both free: the smaller request is served from one of them
+    assert again.data_ptr() == address and len(pool.storages) == 2
+    del again
+    bigger = pool.take(8, 5, cpu)  # none fits: the free ones are dropped, not kept beside the new one
+    assert len(pool.storages) == 1 and bigger.shape == (8, 5)
+
+
+def test_the_fused_head_reuses_its_workspace_from_one_step_to_the_next(always_fused, monkeypatch):
+    monkeypatch.setattr(kernels, "WORKSPACE", kernels.Workspace())
+    ops = get_backend("torch").ops
+    case = _head_case()
+    addresses = set()
+    for _ in range(3):
+        _losses_and_grads(ops.linear_cross_entropy, *case)
+        addresses |= {s.data_ptr() for s in kernels.WORKSPACE.storages}
+    assert len(addresses) == 1

@@ -85,6 +85,50 @@ def test_cross_entropy_matches_log_sum_exp(n_streams, rows):
     _close(got_grad, want_grad, 1e-5)
 
 
+@pytest.mark.parametrize("n_streams,rows", [(1, 5), (2, 9), (3, 7), (3, 2)])
+def test_linear_cross_entropy_matches_the_composed_head_and_loss(n_streams, rows):
+    hidden = mx.random.normal((rows, 6), key=mx.random.key(6))
+    head = 2 * mx.random.normal((37, 6), key=mx.random.key(7))
+    targets = mx.array([3, 3, 0, 36, 5, 3, 1, 2, 9][:rows])  # a repeated target: its head row adds up
+    cotangent = mx.random.normal((rows,), key=mx.random.key(8))
+
+    def plain(h, w):
+        x = h @ w.T
+        return [mx.logsumexp(x, axis=-1) - mx.take_along_axis(x, targets[:, None], axis=-1)[:, 0]]
+
+    def fused(h, w):
+        return [cpu_streams.linear_cross_entropy(_streams(n_streams))(h, w, targets)]
+
+    want, want_grads = _values_and_grads(plain, (hidden, head), cotangent)
+    got, got_grads = _values_and_grads(fused, (hidden, head), cotangent)
+    assert want.mean() > 1.0  # logits of a few units over 37 tokens: losses of a few nats
+    _close(got, want, 1e-4)
+    for a, b in zip(got_grads, want_grads):
+        _close(a, b, 1e-4)
+
+
+def test_exp_by_pow_is_as_close_to_exp_as_mlx_exp_is():
+    x = mx.concatenate([mx.random.uniform(-80, 0, (20000,), key=mx.random.key(9)), mx.array([0.0, -mx.inf])])
+    want = np.exp(np.array(x).astype(np.float64))
+    errors = []
+    for got in (cpu_streams.exp(x), mx.exp(x)):
+        got = np.array(got).astype(np.float64)
+        assert got[-1] == 0.0 and got[-2] == 1.0
+        errors.append(np.max(np.abs(got[:-1] - want[:-1]) / want[:-1]))
+    assert errors[0] < 1e-5 and errors[0] <= 1.5 * errors[1]  # float32's own rounding of x, times |x|
+    scores = mx.where(mx.arange(5) > 2, -mx.inf, 30 * mx.random.normal((4, 5), key=mx.random.key(10)))
+    _close(np.array(cpu_streams.softmax(scores)), np.array(mx.softmax(scores, axis=-1)), 1e-6)
+
+
+def test_silu_on_a_cpu_matches_x_times_its_sigmoid():
+    x = 10 * mx.random.normal((1000,), key=mx.random.key(11))
+    cotangent = mx.random.normal((1000,), key=mx.random.key(12))
+    want, (want_grad,) = _values_and_grads(lambda x: [x * mx.sigmoid(x)], (x,), cotangent)
+    got, (got_grad,) = _values_and_grads(lambda x: [MLXOps().silu(x)], (x,), cotangent)
+    _close(got, want, 1e-5)
+    _close(got_grad, want_grad, 1e-5)
+
+
 def test_tensors_spread_over_streams_largest_first_to_the_least_loaded():
     index = cpu_streams.spread({"a": (10, 10), "b": (60,), "c": (50,), "d": (5,)}, 2)
     assert index["a"] != index["b"] == index["c"] and index["d"] == index["a"]

@@ -82,6 +82,8 @@ class MLXOps:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
     def silu(self, x):
+        if self._streams:  # a CPU: `cpu_streams.exp`, twice as fast as the sigmoid's own exp there
+            return x / (1.0 + cpu_streams.exp(-x))
         return x * mx.sigmoid(x)
 
     def transpose(self, x, axes):
@@ -103,8 +105,13 @@ class MLXOps:
         return mx.logsumexp(logits, axis=-1) - picked
 
     def linear_cross_entropy(self, hidden, head, targets):
-        """`cross_entropy(linear(hidden, head), targets)`."""
-        return self.cross_entropy(self.linear(hidden, head), targets)
+        """`cross_entropy(linear(hidden, head), targets)`; on a CPU with several cores, for float32, as one
+        operation whose backward pass never forms the logits' gradient (`cpu_streams.linear_cross_entropy`).
+        Measured on 2 cores at 4,096 x 192 by 32,000, forward and backward: 1.97 s against 2.37-2.44 s."""
+        if len(self._streams) < 2 or hidden.dtype != mx.float32 or head.dtype != mx.float32:
+            return self.cross_entropy(self.linear(hidden, head), targets)
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        return cpu_streams.linear_cross_entropy(self._streams)(rows, head, targets.reshape(-1)).reshape(targets.shape)
 
     def log_softmax(self, logits):
         logits = logits.astype(mx.float32)

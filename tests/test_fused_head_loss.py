@@ -44,9 +44,10 @@ def _recording(monkeypatch):
     return calls
 
 
-def test_fused_head_loss_matches_the_composed_one(always_fused, monkeypatch):
+@pytest.mark.parametrize("rows", [50, 400], ids=["head-gradient-as-is", "head-gradient-transposed"])
+def test_fused_head_loss_matches_the_composed_one(always_fused, monkeypatch, rows):
     ops = get_backend("torch").ops
-    case = _head_case()
+    case = _head_case(rows)  # 400 rows of width 24: at least 8 per dimension, the head gradient's other layout
     want = _losses_and_grads(lambda h, w, t: ops.cross_entropy(ops.linear(h, w), t), *case)
     calls = _recording(monkeypatch)
     got = _losses_and_grads(ops.linear_cross_entropy, *case)

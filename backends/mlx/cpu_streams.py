@@ -1,8 +1,9 @@
-"""Cross-entropy and causal attention for MLX on a CPU with several cores.
+"""Cross-entropy (alone, or with the output head's matmul) and causal attention for MLX on a CPU with several
+cores, and the exp they use there.
 
 Outside BLAS, MLX's CPU kernels run on one thread each (measured on 2 cores: exp at about 70M values/s, and
 these kernels spend most of their time in it, hence `exp`), but every stream runs on a thread of its own. So here
-each of the two splits its work into independent parts, one stream per core: cross-entropy by rows, causal
+each of these splits its work into independent parts, one stream per core: cross-entropy by rows, causal
 attention by blocks of queries, each block computing only the keys it sees and paired with the block of
 the same index from the end so that every stream gets the same work. Each part's backward pass runs on its
 part's stream too. Their results are those of one `mx.logsumexp` or `mx.fast.scaled_dot_product_attention`
@@ -56,26 +57,31 @@ def _row_parts(streams: list, rows: int) -> list:
     return [(streams[i], slice(i * rows // n, (i + 1) * rows // n)) for i in range(n)]
 
 
+def _losses_exps_sums(streams: list, logits_of, targets) -> list:
+    """[per-row negative log-likelihood] + each part's exp(logits - row max) + each part's row sums of those,
+    the rows split into parts by `_row_parts`, each part's logits `logits_of(rows)` computed on its stream. The
+    exps are kept for the backward pass, which then needs no exp of its own: exp is most of this kernel's time,
+    and the kept array is the size of the logits the backward pass would otherwise read again."""
+    losses, exps, sums = [], [], []
+    for stream, rows in _row_parts(streams, targets.shape[0]):
+        with mx.stream(stream):
+            x = logits_of(rows)
+            top = mx.stop_gradient(x.max(axis=-1, keepdims=True))
+            e = exp(x - top)
+            total = e.sum(axis=-1)
+            picked = mx.take_along_axis(x, targets[rows][:, None], axis=-1)[:, 0]
+            losses.append(mx.log(total) + top[:, 0] - picked)
+            exps.append(e)
+            sums.append(total)
+    return [mx.concatenate(losses)] + exps + sums
+
+
 def cross_entropy(streams: list):
     """f(logits (rows, vocabulary) float32, targets (rows,)) -> per-row negative log-likelihood."""
 
     @mx.custom_function
     def losses_and_exps(logits, targets):
-        # Each part's exp(logits - row max) is kept for the backward pass, which then needs no exp of its own:
-        # exp is most of this kernel's time, and the kept array is the size of the logits the backward pass
-        # would otherwise read again.
-        losses, exps, sums = [], [], []
-        for stream, rows in _row_parts(streams, logits.shape[0]):
-            with mx.stream(stream):
-                x = logits[rows]
-                top = mx.stop_gradient(x.max(axis=-1, keepdims=True))
-                e = exp(x - top)
-                total = e.sum(axis=-1)
-                picked = mx.take_along_axis(x, targets[rows][:, None], axis=-1)[:, 0]
-                losses.append(mx.log(total) + top[:, 0] - picked)
-                exps.append(e)
-                sums.append(total)
-        return [mx.concatenate(losses)] + exps + sums
+        return _losses_exps_sums(streams, lambda rows: logits[rows], targets)
 
     @losses_and_exps.vjp
     def losses_and_exps_vjp(primals, cotangents, outputs):
@@ -104,18 +110,7 @@ def linear_cross_entropy(streams: list):
 
     @mx.custom_function
     def losses_and_exps(hidden, head, targets):
-        losses, exps, sums = [], [], []
-        for stream, rows in _row_parts(streams, hidden.shape[0]):
-            with mx.stream(stream):
-                x = hidden[rows] @ head.T
-                top = mx.stop_gradient(x.max(axis=-1, keepdims=True))
-                e = exp(x - top)
-                total = e.sum(axis=-1)
-                picked = mx.take_along_axis(x, targets[rows][:, None], axis=-1)[:, 0]
-                losses.append(mx.log(total) + top[:, 0] - picked)
-                exps.append(e)
-                sums.append(total)
-        return [mx.concatenate(losses)] + exps + sums
+        return _losses_exps_sums(streams, lambda rows: hidden[rows] @ head.T, targets)
 
     @losses_and_exps.vjp
     def losses_and_exps_vjp(primals, cotangents, outputs):

@@ -28,12 +28,17 @@ def _(positions, dim, theta, dtype):
 # Logits over this many bytes get a fresh mapping from glibc's malloc every step, and a page fault per 4 KiB:
 # above it, cross-entropy on a CPU runs fused with the output head (`linear_cross_entropy`).
 FRESH_MAPPING_BYTES = 32 << 20
+# Rows of logits per block of the fused cross-entropy's passes: a block stays in cache from one pass to the next.
+BLOCK_BYTES = 4 << 20
+
+
 class Workspace:
     """Float32 logits-sized arrays kept from one step to the next. A freshly mapped array faults in each 4 KiB
     page on its first write: at 4,096 x 32,000 the head's forward matmul ran at 100-190 GFLOP/s into one, and at
     about 300 into memory already touched. An array is free again once no tensor refers to its storage (the
-    backward pass has consumed the one handed out, or a checkpointed forward dropped it); at most one free array
-    is kept, the largest asked for so far."""
+    backward pass has consumed the one handed out, or a checkpointed forward dropped it). A request that no free
+    array fits drops the free ones before it maps a new one, so the pool holds no more arrays than were ever in
+    use at once."""
 
     def __init__(self):
         self.storages: list[torch.UntypedStorage] = []
@@ -41,17 +46,15 @@ class Workspace:
     def take(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
         nbytes = 4 * rows * cols
         free = [s for s in self.storages if torch._C._storage_Use_Count(s._cdata) == 1]  # the pool's own
-        fits = [s for s in free if s.nbytes() >= nbytes and s.device == device]
-        if not fits:
+        storage = next((s for s in free if s.nbytes() >= nbytes and s.device == device), None)
+        if storage is None:
             self.storages = [s for s in self.storages if all(s is not f for f in free)]
-            fits = [torch.UntypedStorage(nbytes, device=device)]
-            self.storages.append(fits[0])
-        return torch.empty(0, device=device).set_(fits[0], 0, (rows, cols))
+            storage = torch.UntypedStorage(nbytes, device=device)
+            self.storages.append(storage)
+        return torch.empty(0, device=device).set_(storage, 0, (rows, cols))
 
 
 WORKSPACE = Workspace()
-# Rows of logits per block of the fused cross-entropy's passes: a block stays in cache from one pass to the next.
-BLOCK_BYTES = 4 << 20
 
 
 @torch.library.custom_op("tinylm::linear_cross_entropy", mutates_args=())

@@ -156,3 +156,19 @@ def test_mlx_imported_before_the_backend_is_said_since_its_blas_is_then_the_slow
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert ("imported before tinylm's MLX backend" in done.stderr) == mlx_first
+
+
+@pytest.mark.skipif(not glob.glob("/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so*")
+                    + glob.glob("/usr/lib/*-linux-gnu/libopenblas.so*"), reason="no OpenBLAS to load")
+def test_torch_keeps_its_own_blas_when_the_mlx_backend_is_loaded_first():
+    pytest.importorskip("torch")
+    # PyTorch loaded after OpenBLAS had gone global took OpenBLAS's BLAS for its own: other numbers, and
+    # threads that fought PyTorch's for the cores.
+    steps = ("from tinylm import bench; from tinylm.backends import get_backend; "
+             "print(repr(bench.train_throughput(get_backend('torch'), bench.CASES[0][1], 64, 12, 3)[2]))")
+    losses = []
+    for first in ("", "import tinylm.backends.mlx; "):
+        done = subprocess.run([sys.executable, "-c", first + steps], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        losses.append(done.stdout.strip().splitlines()[-1])
+    assert losses[0] == losses[1]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import glob
+import importlib.util
 import os
 import sys
 import warnings
@@ -20,6 +21,12 @@ def _load_openblas() -> None:
     # picked up by its symbols instead and makes fp32 matmul tens of times faster.
     if not sys.platform.startswith("linux") or os.environ.get("TINYLM_NO_OPENBLAS"):
         return
+    # PyTorch's CPU library exports its own BLAS and LAPACK (MKL's `sgemm_`, ...) and binds them when it is
+    # loaded: loaded after OpenBLAS had gone global, it took OpenBLAS's instead, whose threads then fought
+    # PyTorch's for the cores (`nanogpt-shape` on torch: 4,917 against 22,854 tok/s, and other losses).
+    # Loaded first, each library keeps its own.
+    if "torch" not in sys.modules and importlib.util.find_spec("torch") is not None:
+        import torch  # noqa: F401
     for pattern in ("/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so*", "/usr/lib/*-linux-gnu/libopenblas.so*"):
         for path in sorted(glob.glob(pattern)):
             if "mlx.core" in sys.modules:  # too late: mlx has bound its own BLAS's symbols already

@@ -32,12 +32,14 @@ def _close(a, b, tol):
     assert np.abs(a - b).max() < tol, np.abs(a - b).max()
 
 
-@pytest.mark.parametrize("n_streams,length", [(1, 9), (2, 150), (3, 7), (3, 64)])
-def test_causal_attention_matches_the_fused_kernel(n_streams, length):
+# Short rows split by sequence (the batch of 3 or 7 unevenly), long ones or too few rows by blocks of queries.
+@pytest.mark.parametrize("n_streams,length,batch", [(1, 9, 2), (2, 150, 2), (3, 7, 2), (3, 64, 2), (2, 64, 3),
+                                                    (3, 20, 7)])
+def test_causal_attention_matches_the_fused_kernel(n_streams, length, batch):
     key = mx.random.key(0)
     kq, kk, kv, kc = mx.random.split(key, 4)
-    q = mx.random.normal((2, 4, length, 8), key=kq)
-    k, v = mx.random.normal((2, 2, length, 8), key=kk), mx.random.normal((2, 2, length, 8), key=kv)
+    q = mx.random.normal((batch, 4, length, 8), key=kq)
+    k, v = mx.random.normal((batch, 2, length, 8), key=kk), mx.random.normal((batch, 2, length, 8), key=kv)
     cotangent = mx.random.normal(q.shape, key=kc)
     scale = 8 ** -0.5
 
@@ -55,6 +57,22 @@ def test_causal_attention_matches_the_fused_kernel(n_streams, length):
     # Compiled (as every training step is), the same.
     got_compiled, _ = _values_and_grads(mx.compile(streamed), (q, k, v), cotangent)
     _close(got_compiled, want, 1e-5)
+
+
+def test_attention_parts_cover_every_query_once_with_even_work():
+    streams = _streams(2)
+    by_sequence, parts = cpu_streams._attention_parts(streams, 5, 64)
+    assert by_sequence
+    assert [(p[1].start, p[1].stop, p[2], p[3]) for p in parts] == [(0, 2, 0, 64), (2, 5, 0, 64)]
+    for batch, length in ((1, 64), (8, 512)):  # one row cannot be split by sequence; long rows are not
+        by_sequence, parts = cpu_streams._attention_parts(streams, batch, length)
+        assert not by_sequence
+        assert sorted((p[2], p[3]) for p in parts) == [(0, length // 4), (length // 4, length // 2),
+                                                      (length // 2, 3 * length // 4), (3 * length // 4, length)]
+        keys = {}  # each stream's keys seen, summed over its query blocks: the same for both
+        for stream, _, start, end in parts:
+            keys[id(stream)] = keys.get(id(stream), 0) + (end - start) * end
+        assert len(set(keys.values())) == 1
 
 
 def test_causal_attention_keeps_a_bf16_input_bf16_and_computes_in_fp32():

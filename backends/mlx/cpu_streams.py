@@ -4,10 +4,10 @@ cores, and the exp they use there.
 Outside BLAS, MLX's CPU kernels run on one thread each (measured on 2 cores: exp at about 70M values/s, and
 these kernels spend most of their time in it, hence `exp`), but every stream runs on a thread of its own. So here
 each of these splits its work into independent parts, one stream per core: cross-entropy by rows, causal
-attention by blocks of queries, each block computing only the keys it sees and paired with the block of
-the same index from the end so that every stream gets the same work. Each part's backward pass runs on its
-part's stream too. Their results are those of one `mx.logsumexp` or `mx.fast.scaled_dot_product_attention`
-to float rounding.
+attention by sequences when they are short and else by blocks of queries, each block computing only the keys
+it sees and paired with the block of the same index from the end so that every stream gets the same work.
+Each part's backward pass runs on its part's stream too. Their results are those of one `mx.logsumexp` or
+`mx.fast.scaled_dot_product_attention` to float rounding.
 """
 
 from __future__ import annotations
@@ -130,19 +130,37 @@ def linear_cross_entropy(streams: list):
     return lambda hidden, head, targets: losses_and_exps(hidden, head, targets)[0]
 
 
-def _query_blocks(streams: list, length: int) -> list:
-    """(stream, start, end) per block of queries, two blocks per stream: block i and block 2n - 1 - i, whose
-    keys (0 to end) add up to the same count for every stream."""
+# Below this many queries, a batch of sequences is split into parts by sequence rather than by blocks of
+# queries: fewer, larger operations. Measured on 2 cores, forward and backward compiled, 12 x 4 heads x 32
+# dims at 64 queries: 1.9 against 2.6 ms; 8 x 6 heads x 32 dims at 128: the same either way.
+_BY_SEQUENCE_BELOW = 128
+
+
+def _attention_parts(streams: list, batch: int, length: int) -> tuple[bool, list]:
+    """(by sequence, [(stream, sequences, first query, end of queries)]). Short sequences are split by
+    sequence, each part attending causally over its whole length. Longer ones by blocks of queries, two
+    blocks per stream: block i and block 2n - 1 - i, whose keys (0 to end) add up to the same count for every
+    stream, each block computing only the keys it sees."""
     n = len(streams)
+    if length < _BY_SEQUENCE_BELOW and batch >= n:
+        return True, [(streams[i], slice(i * batch // n, (i + 1) * batch // n), 0, length) for i in range(n)]
     bounds = [j * length // (2 * n) for j in range(2 * n + 1)]
-    return [(streams[i], bounds[j], bounds[j + 1]) for i in range(n) for j in (i, 2 * n - 1 - i)]
+    return False, [(streams[i], slice(None), bounds[j], bounds[j + 1]) for i in range(n) for j in (i, 2 * n - 1 - i)]
+
+
+def _join(pieces: list, by_sequence: bool):
+    """The parts' pieces of a (batch, kv_heads, group, time, head_dim) array put together in order: along
+    the batch, or along the time of their first query (each piece paired with its `_attention_parts` entry)."""
+    ordered = [x for _, x in sorted(pieces, key=lambda part_x: (part_x[0][1].start or 0, part_x[0][2]))]
+    return mx.concatenate(ordered, axis=0 if by_sequence else 3)
 
 
 def causal_attention(streams: list, scale: float):
     """f(q (batch, heads, time, head_dim), k, v (batch, kv_heads, time, head_dim)) -> (batch, heads, time,
-    head_dim), each query attending to the keys at and before its position, computed in float32. Grouped
-    queries share their key/value head by broadcasting, never by copying it. The attention probabilities are
-    kept for the backward pass (about 5/8 of batch x heads x time^2 floats: a CPU's memory, not a GPU's)."""
+    head_dim), each query attending to the keys at and before its position, computed in float32, in parts
+    (`_attention_parts`). Grouped queries share their key/value head by broadcasting, never by copying it.
+    The attention probabilities are kept for the backward pass (at most batch x heads x time^2 floats: a
+    CPU's memory, not a GPU's)."""
 
     def grouped(q, k, v):
         b, h, t, d = q.shape
@@ -153,36 +171,43 @@ def causal_attention(streams: list, scale: float):
     @mx.custom_function
     def attention_and_probs(q, k, v):
         qg, kg, vg = grouped(q, k, v)
+        by_sequence, parts = _attention_parts(streams, q.shape[0], q.shape[2])
         outs, probs = [], []
-        for stream, start, end in _query_blocks(streams, q.shape[2]):
+        for part in parts:
+            stream, rows, start, end = part
             with mx.stream(stream):
                 masked = mx.arange(end)[None, :] > mx.arange(start, end)[:, None]
-                scores = (qg[:, :, :, start:end] * scale) @ kg[:, :, :, :end].swapaxes(-1, -2)
+                scores = (qg[rows, :, :, start:end] * scale) @ kg[rows, :, :, :end].swapaxes(-1, -2)
                 p = softmax(mx.where(masked, -mx.inf, scores))
-                outs.append((start, p @ vg[:, :, :, :end]))
+                outs.append((part, p @ vg[rows, :, :, :end]))
                 probs.append(p)
-        out = mx.concatenate([o for _, o in sorted(outs, key=lambda so: so[0])], axis=3)
-        return [out.reshape(q.shape).astype(q.dtype)] + probs
+        return [_join(outs, by_sequence).reshape(q.shape).astype(q.dtype)] + probs
 
     @attention_and_probs.vjp
     def attention_vjp(primals, cotangents, outputs):
         q, k, v = primals
         qg, kg, vg = grouped(q, k, v)
         t = q.shape[2]
+        by_sequence, parts = _attention_parts(streams, q.shape[0], t)
         dout = cotangents[0].astype(mx.float32).reshape(qg.shape)
         out = outputs[0].astype(mx.float32).reshape(qg.shape)
         dqs, dks, dvs = [], [], []
-        for (stream, start, end), p in zip(_query_blocks(streams, t), outputs[1:]):
+        for part, p in zip(parts, outputs[1:]):
+            stream, rows, start, end = part
             with mx.stream(stream):
-                do = dout[:, :, :, start:end]
-                dp = do @ vg[:, :, :, :end].swapaxes(-1, -2)
+                do = dout[rows, :, :, start:end]
+                dp = do @ vg[rows, :, :, :end].swapaxes(-1, -2)
                 # Softmax's backward: p * (dp - sum(p * dp)), where sum(p * dp) is the row's do . out.
-                ds = p * (dp - (do * out[:, :, :, start:end]).sum(-1, keepdims=True)) * scale
-                dqs.append((start, ds @ kg[:, :, :, :end]))
+                ds = p * (dp - (do * out[rows, :, :, start:end]).sum(-1, keepdims=True)) * scale
+                dqs.append((part, ds @ kg[rows, :, :, :end]))
                 pad = [(0, 0), (0, 0), (0, t - end), (0, 0)]
-                dks.append(mx.pad((ds.swapaxes(-1, -2) @ qg[:, :, :, start:end]).sum(2), pad))
-                dvs.append(mx.pad((p.swapaxes(-1, -2) @ do).sum(2), pad))
-        dq = mx.concatenate([g for _, g in sorted(dqs, key=lambda sg: sg[0])], axis=3).reshape(q.shape)
-        return dq.astype(q.dtype), sum(dks[1:], dks[0]).astype(k.dtype), sum(dvs[1:], dvs[0]).astype(v.dtype)
+                dks.append((part, mx.pad((ds.swapaxes(-1, -2) @ qg[rows, :, :, start:end]).sum(2), pad)))
+                dvs.append((part, mx.pad((p.swapaxes(-1, -2) @ do).sum(2), pad)))
+        dq = _join(dqs, by_sequence).reshape(q.shape)
+        if by_sequence:  # (batch, kv_heads, time, head_dim): the batch is axis 0 here as well
+            dk, dv = (mx.concatenate([x for _, x in pieces]) for pieces in (dks, dvs))
+        else:  # every block's keys are a prefix of the sequence: their gradients add up
+            dk, dv = (sum((x for _, x in pieces[1:]), pieces[0][1]) for pieces in (dks, dvs))
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
     return lambda q, k, v: attention_and_probs(q, k, v)[0]

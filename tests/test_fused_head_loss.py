@@ -16,8 +16,8 @@ from tinylm.train_module import TrainModule  # noqa: E402
 
 @pytest.fixture
 def always_fused(monkeypatch):
-    """The fused path for logits of any size (it normally starts at 32 MiB of them)."""
-    monkeypatch.setattr(kernels, "FRESH_MAPPING_BYTES", 0)
+    """The fused path for logits of any size (it normally starts at a million of them)."""
+    monkeypatch.setattr(kernels, "FUSED_MIN_LOGITS", 0)
     monkeypatch.setattr(kernels, "BLOCK_BYTES", 4 * 70 * 3)  # three rows a block: a short last block
 
 
@@ -61,12 +61,30 @@ def test_fused_head_loss_matches_the_composed_one(always_fused, monkeypatch, row
 def test_small_logits_and_other_dtypes_take_the_composed_path(monkeypatch):
     ops, calls = get_backend("torch").ops, _recording(monkeypatch)
     hidden, head, targets, _ = _head_case()
-    ops.linear_cross_entropy(hidden, head, targets)  # 50 x 70 float32 logits: far below 32 MiB
-    monkeypatch.setattr(kernels, "FRESH_MAPPING_BYTES", 0)
-    ops.linear_cross_entropy(hidden.bfloat16(), head.bfloat16(), targets)  # bf16 logits: composed
+    ops.linear_cross_entropy(hidden, head, targets)  # 50 x 70 logits: far below a million
+    monkeypatch.setattr(kernels, "FUSED_MIN_LOGITS", 0)
+    ops.linear_cross_entropy(hidden.half(), head.half(), targets)  # float16: composed
     assert calls == []
     ops.linear_cross_entropy(hidden, head, targets)
+    ops.linear_cross_entropy(hidden.bfloat16(), head.bfloat16(), targets)
+    assert len(calls) == 2
+
+
+def test_fused_head_loss_in_bf16_matches_the_composed_one(always_fused, monkeypatch):
+    ops = get_backend("torch").ops
+    hidden, head, targets, weights = _head_case(400)
+    case = (hidden.bfloat16(), head.bfloat16(), targets, weights)
+    want = _losses_and_grads(lambda h, w, t: ops.cross_entropy(ops.linear(h, w), t), *case)
+    exact = _losses_and_grads(lambda h, w, t: ops.cross_entropy(ops.linear(h, w), t), hidden, head, targets, weights)
+    calls = _recording(monkeypatch)
+    got = _losses_and_grads(ops.linear_cross_entropy, *case)
     assert len(calls) == 1
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.bfloat16
+    assert (got[0] - want[0]).abs().max() < 1e-5 * want[0].abs().max()  # the same bf16 logits, in float32
+    for a, b, e in zip(got[1:], want[1:], exact[1:]):
+        # Rounded to bf16 at other points than the composed gradients, and as close to float32's
+        error, composed_error = (a.float() - e).abs().max(), (b.float() - e).abs().max()
+        assert error < 2 * composed_error + 1e-6 and error < 2e-2 * e.abs().max()
 
 
 @pytest.mark.parametrize("compute", [Compute(), Compute(loss_chunk=20)], ids=["whole", "chunk-20"])
@@ -76,7 +94,7 @@ def test_a_training_step_is_the_same_with_the_fused_head(monkeypatch, compute):
     tokens = np.random.default_rng(1).integers(0, shape.vocab_size, (2, 33))
     out = []
     for fused in (False, True):
-        monkeypatch.setattr(kernels, "FRESH_MAPPING_BYTES", 0 if fused else 1 << 62)
+        monkeypatch.setattr(kernels, "FUSED_MIN_LOGITS", 0 if fused else 1 << 62)
         calls = _recording(monkeypatch)
         b = get_backend("torch")
         module = TrainModule(b, shape, OptimConfig(lr=3e-3), compute, objectives.lm)

@@ -25,15 +25,17 @@ def _(positions, dim, theta, dtype):
     return positions.new_empty(shape, dtype=dtype), positions.new_empty(shape, dtype=dtype)
 
 
-# Logits over this many bytes get a fresh mapping from glibc's malloc every step, and a page fault per 4 KiB:
-# above it, cross-entropy on a CPU runs fused with the output head (`linear_cross_entropy`).
-FRESH_MAPPING_BYTES = 32 << 20
+# From this many logits on, cross-entropy on a CPU runs fused with the output head (`linear_cross_entropy`):
+# measured on 2 cores, forward and backward, 4,096 x 192 by 2,048 (the quickstart's) took 36 against 68 ms in
+# float32 and 14 against 42 ms in bf16, 1,024 x 192 by 2,048 9.4 against 10.0 and 4.0 against 4.6 ms; below,
+# the fused operation's fixed costs are the larger (768 x 128 by 65: 0.7 against 0.4 ms).
+FUSED_MIN_LOGITS = 1 << 20
 # Rows of logits per block of the fused cross-entropy's passes: a block stays in cache from one pass to the next.
 BLOCK_BYTES = 4 << 20
 
 
 class Workspace:
-    """Float32 logits-sized arrays kept from one step to the next. A freshly mapped array faults in each 4 KiB
+    """Logits-sized arrays kept from one step to the next. A freshly mapped array faults in each 4 KiB
     page on its first write: at 4,096 x 32,000 the head's forward matmul ran at 100-190 GFLOP/s into one, and at
     about 300 into memory already touched. An array is free again once no tensor refers to its storage (the
     backward pass has consumed the one handed out, or a checkpointed forward dropped it). A request that no free
@@ -43,15 +45,15 @@ class Workspace:
     def __init__(self):
         self.storages: list[torch.UntypedStorage] = []
 
-    def take(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
-        nbytes = 4 * rows * cols
+    def take(self, rows: int, cols: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        nbytes = dtype.itemsize * rows * cols
         free = [s for s in self.storages if torch._C._storage_Use_Count(s._cdata) == 1]  # the pool's own
         storage = next((s for s in free if s.nbytes() >= nbytes and s.device == device), None)
         if storage is None:
             self.storages = [s for s in self.storages if all(s is not f for f in free)]
             storage = torch.UntypedStorage(nbytes, device=device)
             self.storages.append(storage)
-        return torch.empty(0, device=device).set_(storage, 0, (rows, cols))
+        return torch.empty(0, device=device, dtype=dtype).set_(storage, 0, (rows, cols))
 
 
 WORKSPACE = Workspace()
@@ -60,45 +62,54 @@ WORKSPACE = Workspace()
 @torch.library.custom_op("tinylm::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(hidden: torch.Tensor, head: torch.Tensor,
                          targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-row cross-entropy, exps, inverse row sums) of the float32 logits hidden @ head.T, for hidden (rows,
-    dim): the softmax is exps * inverse sums[:, None]. The logits become exp(logit - row max) in place, block by
-    block, one exp per logit, in a `WORKSPACE` array; the softmax itself is never written out."""
-    exps = torch.mm(hidden, head.t(), out=WORKSPACE.take(hidden.shape[0], head.shape[0], hidden.device))
-    picked = exps.gather(1, targets[:, None])[:, 0]
+    """(per-row cross-entropy, exps, inverse row sums) of the logits hidden @ head.T, for hidden (rows, dim) and
+    head both float32 or both bf16: the softmax is exps * inverse sums[:, None]. The logits, in the inputs'
+    dtype, become exp(logit - row max) in place, block by block, one exp per logit, in a `WORKSPACE` array; the
+    softmax itself is never written out. Each block is computed in float32 (bf16 logits converted one block at
+    a time), and the losses and sums are float32 in either dtype."""
+    exps = torch.mm(hidden, head.t(), out=WORKSPACE.take(hidden.shape[0], head.shape[0], hidden.device, hidden.dtype))
+    picked = exps.gather(1, targets[:, None])[:, 0].float()
     top, sums = torch.empty_like(picked), torch.empty_like(picked)
     step = max(1, BLOCK_BYTES // (4 * exps.shape[1]))
     for start in range(0, exps.shape[0], step):
         block = exps[start:start + step]
-        top[start:start + step] = block.amax(1)
-        sums[start:start + step] = block.sub_(top[start:start + step, None]).exp_().sum(1)
+        wide = block.float()  # the block itself where it is float32
+        top[start:start + step] = wide.amax(1)
+        sums[start:start + step] = wide.sub_(top[start:start + step, None]).exp_().sum(1)
+        if wide is not block:
+            block.copy_(wide)
     return top + sums.log() - picked, exps, sums.reciprocal()
 
 
 @linear_cross_entropy.register_fake
 def _(hidden, head, targets):
     rows = hidden.shape[0]
-    return hidden.new_empty(rows), hidden.new_empty(rows, head.shape[0]), hidden.new_empty(rows)
+    return (hidden.new_empty(rows, dtype=torch.float32), hidden.new_empty(rows, head.shape[0]),
+            hidden.new_empty(rows, dtype=torch.float32))
 
 
 @torch.library.custom_op("tinylm::linear_cross_entropy_backward", mutates_args=())
 def linear_cross_entropy_backward(grad: torch.Tensor, exps: torch.Tensor, inverse_sums: torch.Tensor,
                                    hidden: torch.Tensor, head: torch.Tensor,
                                    targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gradient of hidden, gradient of head). The logits' gradient, g * (softmax - onehot(target)) per row,
-    is never formed: the softmax's row scale g / sum moves onto the small side of each matmul, and the one-hot
-    part is a row of the head (or of hidden) per target. So the exps are read by the two matmuls alone."""
+    """(gradient of hidden, gradient of head), in their dtype. The logits' gradient, g * (softmax -
+    onehot(target)) per row, is never formed: the softmax's row scale g / sum moves onto the small side of each
+    matmul, and the one-hot part is a row of the head (or of hidden) per target. So the exps are read by the two
+    matmuls alone, in the exps' dtype (bf16 ones by bf16 matmuls, as the composed head's backward pass would)."""
     grad = grad.contiguous()
+    dtype = hidden.dtype
     row_scale = (grad * inverse_sums)[:, None]
-    grad_hidden = torch.addcmul(-grad[:, None] * head[targets], exps @ head, row_scale)
-    scaled = hidden * row_scale
-    if hidden.shape[0] >= 8 * hidden.shape[1]:
+    grad_hidden = torch.addcmul(-grad[:, None] * head[targets], exps @ head, row_scale).to(dtype)
+    scaled = (hidden * row_scale).to(dtype)
+    if dtype == torch.float32 and hidden.shape[0] >= 8 * hidden.shape[1]:
         # As (dim, vocab), then copied into the head's layout: this orientation runs at about 320 GFLOP/s on 2
-        # cores at 4,096 x 192 x 32,000, the other at about 240. The copy is a head-sized array more at peak,
-        # so only where that is small next to the exps (tokens, vocab): at least 8 tokens per dimension.
+        # cores at 4,096 x 192 x 32,000, the other at about 240 (in bf16 it is the slower one). The copy is a
+        # head-sized array more at peak, so only where that is small next to the exps (tokens, vocab): at
+        # least 8 tokens per dimension.
         grad_head = torch.mm(scaled.t(), exps).t().contiguous()
     else:
         grad_head = exps.t() @ scaled
-    grad_head.index_add_(0, targets, hidden * -grad[:, None])
+    grad_head.index_add_(0, targets, (hidden * -grad[:, None]).to(dtype))
     return grad_hidden, grad_head
 
 

@@ -143,7 +143,7 @@ def _attention_parts(streams: list, batch: int, length: int) -> tuple[bool, list
     stream, each block computing only the keys it sees."""
     n = len(streams)
     if length < _BY_SEQUENCE_BELOW and batch >= n:
-        return True, [(streams[i], slice(i * batch // n, (i + 1) * batch // n), 0, length) for i in range(n)]
+        return True, [(stream, rows, 0, length) for stream, rows in _row_parts(streams, batch)]
     bounds = [j * length // (2 * n) for j in range(2 * n + 1)]
     return False, [(streams[i], slice(None), bounds[j], bounds[j + 1]) for i in range(n) for j in (i, 2 * n - 1 - i)]
 

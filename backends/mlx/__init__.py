@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import glob
-import importlib.util
 import os
 import sys
 import warnings
@@ -16,37 +13,18 @@ import numpy as np
 from tinylm.errors import UserError
 
 
-def _load_openblas() -> None:
-    # The Linux CPU wheel ships a reference BLAS; Debian's OpenBLAS, loaded globally before mlx, is
-    # picked up by its symbols instead and makes fp32 matmul tens of times faster.
-    if not sys.platform.startswith("linux") or os.environ.get("TINYLM_NO_OPENBLAS"):
-        return
-    # PyTorch's CPU library exports its own BLAS and LAPACK (MKL's `sgemm_`, ...) and binds them when it is
-    # loaded: loaded after OpenBLAS had gone global, it took OpenBLAS's instead, whose threads then fought
-    # PyTorch's for the cores (`nanogpt-shape` on torch: 4,917 against 22,854 tok/s, and other losses).
-    # Loaded first, each library keeps its own.
-    if "torch" not in sys.modules and importlib.util.find_spec("torch") is not None:
-        import torch  # noqa: F401
-    for pattern in ("/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so*", "/usr/lib/*-linux-gnu/libopenblas.so*"):
-        for path in sorted(glob.glob(pattern)):
-            if "mlx.core" in sys.modules:  # too late: mlx has bound its own BLAS's symbols already
-                warnings.warn("mlx was imported before tinylm's MLX backend, so its matmuls run on the reference BLAS"
-                              " of its Linux wheel (tens of times slower): import tinylm.backends.mlx first",
-                              RuntimeWarning, stacklevel=2)
-                return
-            try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-                return
-            except OSError:
-                continue
+from tinylm.backends.mlx import linux_cpu  # noqa: E402  (imports no mlx: the BLAS goes first)
 
-
-_load_openblas()
+linux_cpu.load_openblas()
 
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
 from tinylm.backends.mlx import cpu_streams  # noqa: E402
+
+if mx.default_device() == mx.cpu:
+    linux_cpu.use_vectorizing_compiler()
+    linux_cpu.keep_freed_memory()
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -91,7 +69,7 @@ class MLXOps:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
     def silu(self, x):
-        if self._streams:  # a CPU: `cpu_streams.exp`, twice as fast as the sigmoid's own exp there
+        if self._streams:  # a CPU: `cpu_streams.exp`, twice as fast as the sigmoid's own where kernels are not vectorized
             return x / (1.0 + cpu_streams.exp(-x))
         return x * mx.sigmoid(x)
 

@@ -164,9 +164,10 @@ def test_memory_bench_rows_on_a_small_head():
 
 
 _FREED_PROBE = """
-import sys, torch
+import sys
+import numpy as np
 from tinylm.backends import get_backend
-get_backend("torch")
+get_backend(sys.argv[1])
 
 def resident_mib():
     for line in open("/proc/self/status"):
@@ -174,21 +175,24 @@ def resident_mib():
             return int(line.split()[1]) / 1024
 
 before = resident_mib()
-x = torch.ones(256 * 2**20 // 4)  # 256 MiB, written
+x = np.ones(256 * 2**20 // 4, dtype=np.float32)  # 256 MiB from malloc, written
 del x
 print(resident_mib() - before)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc tunables")
-@pytest.mark.parametrize("env,kept", [({}, False), ({"TINYLM_KEEP_FREED_MEMORY": "1"}, True),
-                                      ({"TINYLM_KEEP_FREED_MEMORY": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}, False)])
-def test_torch_on_a_cpu_keeps_freed_memory_for_reuse_only_when_asked(env, kept):
-    """Asked to, the torch backend on a Linux CPU keeps a freed 256 MiB tensor's pages for the next allocation
-    (no page faults to map them again); by default, or with malloc tuned by the environment, they go back to
-    the system."""
+@pytest.mark.parametrize("backend,env,kept", [
+    ("torch", {}, False), ("torch", {"TINYLM_KEEP_FREED_MEMORY": "1"}, True),
+    ("torch", {"TINYLM_KEEP_FREED_MEMORY": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}, False),
+    ("mlx", {}, True), ("mlx", {"TINYLM_KEEP_FREED_MEMORY": "0"}, False)])
+def test_a_cpu_backend_keeps_freed_memory_for_reuse_by_its_default_or_as_asked(backend, env, kept):
+    """On a Linux CPU a freed 256 MiB block's pages stay with the process for the next allocation (no page
+    faults to map them again) where asked, or by default on MLX; on torch by default, or with malloc tuned by
+    the environment, they go back to the system."""
+    pytest.importorskip(backend)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "TINYLM_KEEP_FREED_MEMORY"}
-    done = subprocess.run([sys.executable, "-c", _FREED_PROBE], env={**clean, **env}, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", _FREED_PROBE, backend], env={**clean, **env}, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     still_resident = float(done.stdout.split()[-1])

@@ -1,5 +1,5 @@
-"""What the MLX backend sets up around MLX on a Linux CPU: OpenBLAS without taking PyTorch's BLAS, a compiler
-for MLX's fused kernels that vectorizes them without changing a value, and a heap that keeps freed memory."""
+"""What the MLX backend sets up around MLX on a Linux CPU: OpenBLAS without taking PyTorch's BLAS, and a compiler
+for MLX's fused kernels that vectorizes them without changing a value."""
 
 import glob
 import os
@@ -41,7 +41,7 @@ def _run_fused(tmp_path, name, **env):
     cache = tmp_path / name  # a kernel cache of its own: MLX keeps compiled kernels under the temporary directory
     cache.mkdir()
     done = subprocess.run([sys.executable, "-c", _FUSED], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TMPDIR": str(cache), "XDG_CACHE_HOME": str(tmp_path / "home"), **env})
+                          env={**os.environ, "TMPDIR": str(cache), "TINYLM_CACHE_DIR": str(tmp_path / "home"), **env})
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.split("\n")[:3]
 
@@ -52,7 +52,7 @@ def test_kernels_built_to_vectorize_compute_bit_for_bit_what_mlx_own_build_does(
     native, compiler, native_out, native_eager = _run_fused(tmp_path, "native")[0].split() + _run_fused(
         tmp_path, "again")[1:]
     plain_line, plain_out, plain_eager = _run_fused(tmp_path, "plain", TINYLM_NO_NATIVE_KERNELS="1")
-    assert native == "True" and compiler == str(tmp_path / "home" / "tinylm" / "mlx-cxx" / "g++")
+    assert native == "True" and compiler == str(tmp_path / "home" / "mlx-cxx" / "g++")
     assert plain_line.split()[0] == "False" and "mlx-cxx" not in plain_line
     assert native_out == plain_out == plain_eager == native_eager
     assert len(native_out) == 2 * 4 * 2000 * 37
@@ -61,26 +61,17 @@ def test_kernels_built_to_vectorize_compute_bit_for_bit_what_mlx_own_build_does(
 @linux_only
 @with_gxx
 def test_the_compiler_wrapper_calls_the_real_compiler_even_when_it_is_already_first_on_path(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("TINYLM_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(linux_cpu, "vectorized_kernels", False)
     for _ in range(2):  # the second time, as a child process started with this PATH would find it
         assert linux_cpu.use_vectorizing_compiler()
-    wrapper = tmp_path / "tinylm" / "mlx-cxx" / "g++"
+    wrapper = tmp_path / "mlx-cxx" / "g++"
     assert shutil.which("g++") == str(wrapper)
     assert os.environ["PATH"].split(os.pathsep).count(str(wrapper.parent)) == 1
     script = wrapper.read_text()
     assert "mlx-cxx" not in script and all(flag in script for flag in linux_cpu.VECTORIZING_FLAGS)
     version = subprocess.run([str(wrapper), "--version"], capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and version.stdout
-
-
-@linux_only
-def test_glibc_keeps_freed_memory_unless_told_not_to(monkeypatch):
-    if not os.path.exists("/lib/x86_64-linux-gnu/libc.so.6") and not glob.glob("/lib/*/libc.so.6"):
-        pytest.skip("not glibc")
-    assert linux_cpu.keep_freed_memory()
-    monkeypatch.setenv("TINYLM_NO_KEEP_MEMORY", "1")
-    assert not linux_cpu.keep_freed_memory()
 
 
 _OPENBLAS = glob.glob("/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so*") + glob.glob(

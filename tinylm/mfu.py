@@ -83,9 +83,14 @@ def bf16_matmul_speedup(backend, shapes, repeats: int = 3) -> float:
     return fp32 / bf16
 
 
+def cache_dir() -> Path:
+    """Where tinylm keeps what it measures or writes once per machine: `$TINYLM_CACHE_DIR`, else
+    `~/.cache/tinylm`."""
+    return Path(os.environ.get("TINYLM_CACHE_DIR") or Path.home() / ".cache" / "tinylm")
+
+
 def _cache_path() -> Path:
-    root = os.environ.get("TINYLM_CACHE_DIR") or Path.home() / ".cache" / "tinylm"
-    return Path(root) / "peaks.json"
+    return cache_dir() / "peaks.json"
 
 
 def _machine_key(backend, what: str) -> str:

@@ -1,6 +1,6 @@
 """What MLX's CPU backend on Linux needs from its surroundings to run at this machine's speed, set up once per
-process by the MLX backend: a BLAS, a compiler for its fused kernels that may vectorize them, and a heap that
-keeps the memory of one step for the next. Nothing here imports mlx, so that the BLAS can be loaded before it.
+process by the MLX backend: a BLAS, and a compiler for its fused kernels that may vectorize them. Nothing here
+imports mlx, so that the BLAS can be loaded before it.
 Each has an opt-out environment variable, for comparisons and for machines where it misbehaves.
 """
 
@@ -14,7 +14,8 @@ import shutil
 import sys
 import tempfile
 import warnings
-from pathlib import Path
+
+from tinylm.mfu import cache_dir
 
 # MLX compiles each fused elementwise kernel of an `mx.compile`d function with `g++ -O3`, for the processor
 # family's baseline (no AVX) and with its exp left as a call that the loop cannot vectorize across: a fused
@@ -24,12 +25,6 @@ from pathlib import Path
 # The others change no value either: math functions need not set errno, nor floating-point exceptions trap.
 VECTORIZING_FLAGS = ("-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
                      "-finline-limit=10000")
-# Large blocks from glibc's heap, and kept there when freed: by default every block over 32 MiB is a fresh
-# mapping whose pages the kernel faults in and zeroes on first touch, each step again. Measured on 2 cores,
-# the output head's loss of `tiny` (4,096 x 192 by 32,000), forward and backward: 1,085 against 875 ms.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_KEPT_BYTES = 1 << 30
-
 _MARKER = "# tinylm: MLX's kernel compiler, with flags that let it vectorize (backends/mlx/linux_cpu.py)"
 vectorized_kernels = False  # whether `use_vectorizing_compiler` put its compiler in front of MLX's
 
@@ -59,11 +54,6 @@ def load_openblas() -> None:
                 continue
 
 
-def _compiler_dir() -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "tinylm" / "mlx-cxx"
-
-
 def _is_wrapper(folder: str) -> bool:
     try:
         with open(os.path.join(folder, "g++"), "rb") as compiler:
@@ -86,7 +76,7 @@ def use_vectorizing_compiler() -> bool:
     real = shutil.which("g++")
     if os.environ.get("TINYLM_NO_NATIVE_KERNELS") or real is None:  # no g++: MLX runs compiled functions unfused
         return False
-    folder = _compiler_dir()
+    folder = cache_dir() / "mlx-cxx"
     script = f"#!/bin/sh\n{_MARKER}\nexec '{real}' {' '.join(VECTORIZING_FLAGS)} \"$@\"\n"
     wrapper = folder / "g++"
     try:
@@ -101,16 +91,3 @@ def use_vectorizing_compiler() -> bool:
     os.environ["PATH"] = os.pathsep.join([str(folder), *path])
     vectorized_kernels = True
     return True
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc serve blocks up to `_KEPT_BYTES` from its heap and keep up to that much freed memory, so a
-    step's arrays reuse the last step's pages. Opt out: TINYLM_NO_KEEP_MEMORY=1. Returns whether glibc took it."""
-    if not sys.platform.startswith("linux") or os.environ.get("TINYLM_NO_KEEP_MEMORY"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return False
-    return all(libc.mallopt(option, _KEPT_BYTES) == 1 for option in (_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD))
-

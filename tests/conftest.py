@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -5,6 +6,11 @@ import pytest
 
 # fp32 reference math on CPU: keep thread counts fixed so runs are bit-for-bit repeatable.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# The MLX backend loads the BLAS that mlx binds when it is first imported: before any test module imports
+# mlx.core itself, or every MLX test in the process would run on the Linux wheel's reference BLAS.
+if importlib.util.find_spec("mlx") is not None:
+    import tinylm.backends.mlx  # noqa: F401
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -77,7 +77,7 @@ def use_vectorizing_compiler() -> bool:
     if os.environ.get("TINYLM_NO_NATIVE_KERNELS") or real is None:  # no g++: MLX runs compiled functions unfused
         return False
     folder = cache_dir() / "mlx-cxx"
-    script = f"#!/bin/sh\n{_MARKER}\nexec '{real}' {' '.join(VECTORIZING_FLAGS)} \"$@\"\n"
+    script = f"#!/bin/sh\n{_MARKER}\nexec '{os.path.abspath(real)}' {' '.join(VECTORIZING_FLAGS)} \"$@\"\n"
     wrapper = folder / "g++"
     try:
         if not wrapper.is_file() or wrapper.read_text() != script:

@@ -17,8 +17,8 @@ from tinylm.backends.mlx import linux_cpu  # noqa: E402  (the backend first: it 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="set up on Linux only")
 with_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++: MLX runs compiled functions unfused")
 
-# A fused kernel of exp, sigmoid, a multiply-add and a division, run compiled (by MLX's compiler command) and eagerly (MLX's
-# prebuilt kernels); prints both as hex bytes, and where `g++` resolves.
+# Fused kernels of exp, sigmoid, a multiply-add and a division, run compiled (by MLX's compiler command) and
+# eagerly (MLX's prebuilt kernels); prints both as hex bytes, and where `g++` resolves.
 _FUSED = """
 import os, shutil, sys, glob, tempfile
 import tinylm.backends.mlx

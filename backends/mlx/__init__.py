@@ -73,7 +73,8 @@ class MLXOps:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
     def silu(self, x):
-        if self._streams:  # a CPU: `cpu_streams.exp`, twice as fast as the sigmoid's own where kernels are not vectorized
+        # A CPU: `cpu_streams.exp`, twice as fast as the sigmoid's own where kernels are not vectorized.
+        if self._streams:
             return x / (1.0 + cpu_streams.exp(-x))
         return x * mx.sigmoid(x)
 

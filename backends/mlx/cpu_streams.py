@@ -54,10 +54,12 @@ def row_sum(x):
     return (x @ mx.ones((x.shape[-1], 1), dtype=x.dtype))[..., 0]
 
 
-def softmax(x):
-    """`mx.softmax` over the last axis, by `exp`."""
-    e = exp(x - row_max(x))
-    return e / row_sum(e)[..., None]
+def shifted_exps(x) -> tuple:
+    """(exp(x - row max), row max (keeping its axis), row sums of those exps) over the last axis: a softmax is
+    the exps over their sums. Cross-entropy and attention keep the exps for their backward passes."""
+    top = mx.stop_gradient(row_max(x))
+    e = exp(x - top)
+    return e, top, row_sum(e)
 
 
 @functools.cache
@@ -92,9 +94,7 @@ def _losses_exps_sums(streams: list, logits_of, targets) -> list:
     for stream, rows in _row_parts(streams, targets.shape[0]):
         with mx.stream(stream):
             x = logits_of(rows)
-            top = mx.stop_gradient(row_max(x))
-            e = exp(x - top)
-            total = row_sum(e)
+            e, top, total = shifted_exps(x)
             picked = mx.take_along_axis(x, targets[rows][:, None], axis=-1)[:, 0]
             losses.append(mx.log(total) + top[:, 0] - picked)
             exps.append(e)
@@ -184,9 +184,9 @@ def _join(pieces: list, by_sequence: bool):
 def causal_attention(streams: list, scale: float):
     """f(q (batch, heads, time, head_dim), k, v (batch, kv_heads, time, head_dim)) -> (batch, heads, time,
     head_dim), each query attending to the keys at and before its position, computed in float32, in parts
-    (`_attention_parts`). Grouped queries share their key/value head by broadcasting, never by copying it.
-    The attention probabilities are kept for the backward pass (at most batch x heads x time^2 floats: a
-    CPU's memory, not a GPU's)."""
+    (`_attention_parts`). Grouped queries share their key/value head as the rows of one matrix against it,
+    never by copying it. The unnormalized exps and their row sums are kept for the backward pass (at most
+    batch x heads x time^2 floats: a CPU's memory, not a GPU's)."""
 
     def grouped(q, k, v):
         b, h, t, d = q.shape
@@ -196,8 +196,11 @@ def causal_attention(streams: list, scale: float):
     def flat(x):  # (sequences, kv_heads, group, queries, ...) -> (sequences, kv_heads, group x queries, ...)
         return x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3], *x.shape[4:])
 
+    def unflat(x, group):  # `flat`'s inverse for a (sequences, kv_heads, group x queries, head_dim) array
+        return x.reshape(x.shape[0], x.shape[1], group, x.shape[2] // group, x.shape[3])
+
     @mx.custom_function
-    def attention_and_probs(q, k, v):
+    def attention_and_exps(q, k, v):
         qg, k, v = grouped(q, k, v)
         group = qg.shape[2]
         by_sequence, parts = _attention_parts(streams, q.shape[0], q.shape[2])
@@ -209,16 +212,14 @@ def causal_attention(streams: list, scale: float):
                 # head, not one per query head, three times larger with `tiny`'s groups of three.
                 masked = mx.arange(end)[None, :] > mx.tile(mx.arange(start, end), group)[:, None]
                 scores = (flat(qg[rows, :, :, start:end]) * scale) @ k[rows, :, :end].swapaxes(-1, -2)
-                scores = mx.where(masked, -mx.inf, scores)
-                e = exp(scores - row_max(scores))
-                total = row_sum(e)[..., None]
-                out = (e @ v[rows, :, :end]) / total
-                outs.append((part, out.reshape(*out.shape[:2], group, end - start, out.shape[-1])))
+                e, _, total = shifted_exps(mx.where(masked, -mx.inf, scores))
+                total = total[..., None]
+                outs.append((part, unflat((e @ v[rows, :, :end]) / total, group)))
                 exps.append(e)
                 sums.append(total)
         return [_join(outs, by_sequence).reshape(q.shape).astype(q.dtype)] + exps + sums
 
-    @attention_and_probs.vjp
+    @attention_and_exps.vjp
     def attention_vjp(primals, cotangents, outputs):
         q, k0, v0 = primals
         qg, k, v = grouped(q, k0, v0)
@@ -237,8 +238,7 @@ def causal_attention(streams: list, scale: float):
                 # p = e / total, whose division lands on each row's (few) values rather than on the scores.
                 delta = (do * flat(out[rows, :, :, start:end])).sum(-1, keepdims=True)
                 ds = e * ((dp - delta) * (mx.reciprocal(total) * scale))
-                dq = ds @ k[rows, :, :end]
-                dqs.append((part, dq.reshape(*dq.shape[:2], group, end - start, dq.shape[-1])))
+                dqs.append((part, unflat(ds @ k[rows, :, :end], group)))
                 pad = [(0, 0), (0, 0), (0, t - end), (0, 0)]
                 # A key's gradient over all the queries of its group at once: the product sums over them.
                 dks.append((part, mx.pad(ds.swapaxes(-1, -2) @ flat(qg[rows, :, :, start:end]), pad)))
@@ -250,4 +250,4 @@ def causal_attention(streams: list, scale: float):
             dk, dv = (sum((x for _, x in pieces[1:]), pieces[0][1]) for pieces in (dks, dvs))
         return dq.astype(q.dtype), dk.astype(k0.dtype), dv.astype(v0.dtype)
 
-    return lambda q, k, v: attention_and_probs(q, k, v)[0]
+    return lambda q, k, v: attention_and_exps(q, k, v)[0]

@@ -31,7 +31,7 @@ class TorchOps:
         return F.linear(x, w)
 
     def embed(self, table, ids):
-        return F.embedding(ids, table)
+        return torch.ops.tinylm.embedding(table, ids)  # its gradient summed in a fixed order, even compiled
 
     def rms_norm(self, x, weight, eps):
         return F.rms_norm(x, (x.shape[-1],), weight, eps)

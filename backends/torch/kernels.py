@@ -1,4 +1,5 @@
-"""The PyTorch backend's own operations: RoPE tables and cross-entropy, with its fused form for the output head.
+"""The PyTorch backend's own operations: RoPE tables, the embedding lookup, and cross-entropy, with its fused form
+for the output head.
 
 Custom operations (`torch.library.custom_op`) are opaque to `torch.compile`, which calls them as they are:
 the RoPE tables are then made once per graph call rather than inlined into every element that reads them, and
@@ -8,6 +9,7 @@ the fused head loss keeps its in-place, block-by-block passes and its reused wor
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 @torch.library.custom_op("tinylm::rope_tables", mutates_args=())
@@ -24,6 +26,46 @@ def _(positions, dim, theta, dtype):
     shape = (*positions.shape, dim // 2)
     return positions.new_empty(shape, dtype=dtype), positions.new_empty(shape, dtype=dtype)
 
+
+
+@torch.library.custom_op("tinylm::embedding", mutates_args=())
+def embedding(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows of `table` for integer `ids`: `F.embedding`, opaque to the compiler. Compiled, the table's gradient
+    was a scatter-add whose threads added rows for repeated ids in whatever order they ran, so the same step
+    gave gradients that differed in the last bits from one process to the next (and so did a resumed run);
+    PyTorch's own embedding backward adds them in a fixed order. Eager and compiled steps both use it."""
+    return F.embedding(ids, table)
+
+
+@embedding.register_fake
+def _(table, ids):
+    return table.new_empty((*ids.shape, table.shape[1]))
+
+
+@torch.library.custom_op("tinylm::embedding_backward", mutates_args=())
+def embedding_backward(grad: torch.Tensor, ids: torch.Tensor, rows: int) -> torch.Tensor:
+    """The table's gradient: an operation of its own, as the compiler would otherwise trace PyTorch's embedding
+    backward into the same scatter-add. Summed in float32, rounded once to a bf16 table's dtype."""
+    return torch.ops.aten.embedding_dense_backward(grad.float(), ids, rows, -1, False).to(grad.dtype)
+
+
+@embedding_backward.register_fake
+def _(grad, ids, rows):
+    return grad.new_empty((rows, grad.shape[-1]))
+
+
+def _embedding_setup(ctx, inputs, output):
+    table, ids = inputs
+    ctx.save_for_backward(ids)
+    ctx.rows = table.shape[0]
+
+
+def _embedding_grad(ctx, grad):
+    (ids,) = ctx.saved_tensors
+    return torch.ops.tinylm.embedding_backward(grad, ids, ctx.rows), None
+
+
+torch.library.register_autograd("tinylm::embedding", _embedding_grad, setup_context=_embedding_setup)
 
 # From this many logits on, cross-entropy on a CPU runs fused with the output head (`linear_cross_entropy`):
 # measured on 2 cores, forward and backward, 4,096 x 192 by 2,048 (the quickstart's) took 36 against 68 ms in

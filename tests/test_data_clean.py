@@ -75,7 +75,8 @@ def test_batched_scan_matches_the_per_document_rules_and_datasketch():
     import numpy as np
     from datasketch import MinHash
 
-    from tinylm.data.clean import _banding, dedup_key, scan_documents, shingle_hashes
+    from tinylm.data.clean import dedup_key, scan_documents
+    from tinylm.data.minhash import banding, shingle_hashes
 
     rng = random.Random(3)
     vocab = "the a mill river Straße grain ... #tag wheel old CAFÉ bees light, went grey!".split() + ["\u2026"]
@@ -92,7 +93,7 @@ def test_batched_scan_matches_the_per_document_rules_and_datasketch():
             ref = MinHash(num_perm=cfg.near_dedup_num_perm, seed=1, hashfunc=int)
             ref.update_batch(shingle_hashes(stripped, cfg.near_dedup_shingle, {}).tolist())
             assert np.array_equal(sig, ref.hashvalues)
-            assert len(bands) == _banding(cfg.near_dedup_threshold, cfg.near_dedup_num_perm)[0]
+            assert len(bands) == banding(cfg.near_dedup_threshold, cfg.near_dedup_num_perm)[0]
         else:
             assert sig is None and bands is None
 
@@ -129,7 +130,7 @@ def test_near_dedup_never_depends_on_band_hashes(monkeypatch):
     """Every band hash colliding must not make documents that share no band candidates of each other."""
     import numpy as np
 
-    from tinylm.data import clean
+    from tinylm.data import clean, minhash
     from tinylm.data.clean import resolve_scans, scan_documents
 
     cfg = CleanConfig(min_chars=0, min_words=0)
@@ -140,8 +141,8 @@ def test_near_dedup_never_depends_on_band_hashes(monkeypatch):
     assert resolve_scans(scan_documents(docs, cfg, quality=False), cfg) == expected
     # With every band in one bucket, only the exact band check keeps unrelated documents apart.
     sigs = [s[4] for s in scan_documents(docs, cfg, quality=False)]
-    n_bands, rows = clean._banding(cfg.near_dedup_threshold, cfg.near_dedup_num_perm)
-    assert not clean._shares_band(sigs[0], sigs[2], n_bands * rows, rows)
+    n_bands, rows = minhash.banding(cfg.near_dedup_threshold, cfg.near_dedup_num_perm)
+    assert not minhash.shares_band(sigs[0], sigs[2], n_bands * rows, rows)
 
 
 def test_symbol_count_matches_the_symbol_regex():

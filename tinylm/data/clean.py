@@ -3,23 +3,23 @@
 Each removed document is counted under the first rule that removes it, so the report's counts add up:
 `input = kept + sum(removed)`. The order is: empty, too short, exact duplicate, quality rules, near duplicate
 (MinHash LSH against the documents kept so far). Per-document work (`scan_documents`) is separate from the
-order-dependent deduplication (`resolve_scans`) so that the first can run on every core.
+order-dependent deduplication (`resolve_scans`) so that the first can run on every core. The hashing behind
+near deduplication (shingles, MinHash signatures, LSH bands) is `tinylm.data.minhash`.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 import string
 import unicodedata
-import zlib
 from collections import Counter, defaultdict
 from itertools import chain
 
 import numpy as np
 
 from tinylm.data.config import CleanConfig
+from tinylm.data.minhash import MIX, band_hashes, banding, minhasher, ngram_hashes, shares_band, shingles, word_ids
 from tinylm.errors import UserError
 
 RULES = (
@@ -70,29 +70,7 @@ def quality_failure(text: str, cfg: CleanConfig) -> str | None:
     return None
 
 
-_MIX = np.uint64(0x9E3779B97F4A7C15)
 _OWNER_MIX = np.uint64(0xD6E8FEB86659FD93)
-
-
-def word_ids(words: list[str], cache: dict[str, int]) -> np.ndarray:
-    """A 64-bit hash per word; each distinct word is hashed once per cache (crc32 and adler32 side by side)."""
-    for w in set(words).difference(cache):
-        b = w.encode()
-        cache[w] = zlib.crc32(b) | (zlib.adler32(b) << 32)
-    return np.array([cache[w] for w in words], dtype=np.uint64)
-
-
-def ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
-    """64-bit hash of every run of `n` consecutive word ids (one run if there are fewer words)."""
-    k = min(n, len(ids))
-    count = len(ids) - k + 1
-    combined = np.zeros(count, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for j in range(k):
-            combined = combined * _MIX + ids[j : j + count]
-        combined ^= combined >> np.uint64(29)
-        combined *= _MIX
-    return combined
 
 
 def repeated_ngram_share(words: list[str], n: int) -> float:
@@ -112,71 +90,6 @@ def repeated_ngram_share(words: list[str], n: int) -> float:
     return sum(len(w) for w, c in zip(words, covered) if c) / total if total else 0.0
 
 
-def shingle_hashes(text: str, n: int, cache: dict[str, int]) -> np.ndarray:
-    """32-bit hashes of the document's distinct word n-grams (case-folded), computed with numpy.
-
-    Hashing each shingle's bytes in Python was most of the cost of cleaning; here each distinct word is hashed
-    once and n-grams are combined arithmetically.
-    """
-    words = text.casefold().split()
-    if not words:
-        return np.zeros(1, dtype=np.uint32)
-    return np.unique((ngram_hashes(word_ids(words, cache), n) >> np.uint64(32)).astype(np.uint32))
-
-
-def _minhash_classes():
-    try:
-        from datasketch import LeanMinHash, MinHash, MinHashLSH
-    except ImportError:
-        raise UserError("near-duplicate removal needs datasketch (pip install datasketch), or set "
-                        "data.clean.near_dedup = false") from None
-    return MinHash, LeanMinHash, MinHashLSH
-
-
-def _fmix32(h: np.ndarray) -> np.ndarray:
-    # MurmurHash3's 32-bit finalizer: datasketch's default "affine32" scheme pre-mixes every input with it.
-    h = h ^ (h >> np.uint32(16))
-    h = h * np.uint32(0x85EBCA6B)
-    h = h ^ (h >> np.uint32(13))
-    h = h * np.uint32(0xC2B2AE35)
-    return h ^ (h >> np.uint32(16))
-
-
-class MinHasher:
-    """MinHash signatures of many documents at once, equal to datasketch's `MinHash.update_batch` over each
-    document's shingle hashes (the "affine32" scheme, the default), without a Python call per document."""
-
-    def __init__(self, num_perm: int, seed: int = 1):
-        MinHash, _, _ = _minhash_classes()
-        template = MinHash(num_perm=num_perm, seed=seed, hashfunc=int)
-        if template.scheme != "affine32":
-            raise UserError(f"datasketch's default MinHash scheme is {template.scheme!r}; tinylm expects 'affine32'")
-        a, b = np.asarray(template.permutations, dtype=np.uint32)
-        self.a, self.b = a[None, :], b[None, :]
-
-    def signatures(self, hashes: np.ndarray, starts: np.ndarray) -> np.ndarray:
-        """One signature row per document; document i owns `hashes[starts[i]:starts[i + 1]]` (never empty)."""
-        mixed = _fmix32(hashes.astype(np.uint32))[None, :]
-        a, b = self.a.T, self.b.T
-        out = np.empty((len(starts), self.a.shape[1]), dtype=np.uint32)
-        # Blocks of documents bound the (permutations x shingles) matrix, which would otherwise be large. It is
-        # laid out with shingles along rows because reducing along contiguous memory is several times faster
-        # than reducing down columns.
-        bounds = list(range(0, len(starts), 128)) + [len(starts)]
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            first = starts[lo]
-            last = starts[hi] if hi < len(starts) else len(hashes)
-            phv = a * mixed[:, first:last]
-            phv += b
-            out[lo:hi] = np.minimum.reduceat(phv, starts[lo:hi] - first, axis=1).T
-        return out
-
-
-@functools.lru_cache(maxsize=4)
-def _minhasher(num_perm: int, seed: int) -> MinHasher:
-    return MinHasher(num_perm, seed)
-
-
 def _dense(values: np.ndarray) -> np.ndarray:
     return np.unique(values, return_inverse=True)[1].reshape(-1)
 
@@ -193,7 +106,7 @@ def _repeated_starts(ids: np.ndarray, owner: np.ndarray, starts: np.ndarray, n: 
         # that constant let the same n-gram collide across neighbouring documents, forcing the slow exact path.
         keyed = ngram_hashes(ids.astype(np.uint64), n)[starts] ^ (owner[starts].astype(np.uint64) * _OWNER_MIX)
         keyed ^= keyed >> np.uint64(31)
-        keyed *= _MIX
+        keyed *= MIX
         keyed ^= keyed >> np.uint64(29)
     # Any sort that puts equal keys side by side will do (every equal neighbour pair is checked), so the
     # faster unstable one is used.
@@ -269,9 +182,10 @@ def scan_documents(docs: list[str], cfg: CleanConfig, quality: bool, seed: int =
     """The per-document half of cleaning, independent across documents (so it runs in worker processes).
 
     One tuple per document: (NFC text, whether NFC changed it, the rule that removes it or None, its exact-dedup
-    key, its MinHash signature or None, its LSH band hashes (`band_hashes`) or None). The order-dependent half, deduplication, is `resolve_scans`.
+    key, its MinHash signature or None, its LSH band hashes (`band_hashes`) or None). The order-dependent half,
+    deduplication, is `resolve_scans`.
 
-    The rules are those of `quality_failure`, `dedup_key` and `shingle_hashes`, evaluated for the whole batch
+    The rules are those of `quality_failure`, `dedup_key` and `minhash.shingle_hashes`, evaluated for the whole batch
     with numpy where a per-document Python loop was most of the cost of `prepare`.
     """
     rows: list[list] = []
@@ -332,30 +246,13 @@ def scan_documents(docs: list[str], cfg: CleanConfig, quality: bool, seed: int =
         todo = [k for k, r in enumerate(pending) if r[2] is None]
         if todo:
             table = word_ids(vocab, {})
-            hashes, starts = _shingles(table[ids[_subset(sizes, todo)]], sizes[todo], cfg.near_dedup_shingle)
-            sigs = _minhasher(cfg.near_dedup_num_perm, seed).signatures(hashes, starts)
-            n_bands, band_rows = _banding(cfg.near_dedup_threshold, cfg.near_dedup_num_perm)
+            hashes, starts = shingles(table[ids[_subset(sizes, todo)]], sizes[todo], cfg.near_dedup_shingle)
+            sigs = minhasher(cfg.near_dedup_num_perm, seed).signatures(hashes, starts)
+            n_bands, band_rows = banding(cfg.near_dedup_threshold, cfg.near_dedup_num_perm)
             for k, sig, band in zip(todo, sigs, band_hashes(sigs, n_bands, band_rows).tolist()):
                 pending[k][4] = sig
                 pending[k][5] = band
     return [tuple(r) for r in rows]
-
-
-def band_hashes(sigs: np.ndarray, n_bands: int, rows: int) -> np.ndarray:
-    """One 64-bit hash per LSH band of each signature row (documents x bands), computed for the whole batch.
-
-    The parent looks buckets up by these integers instead of building each band's bytes per document; equal
-    bands always get equal hashes, and `resolve_scans` confirms a band really matches, so a collision can only
-    cost a comparison, never change the result.
-    """
-    bands = sigs[:, : n_bands * rows].reshape(len(sigs), n_bands, rows).astype(np.uint64)
-    combined = np.zeros((len(sigs), n_bands), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for j in range(rows):
-            combined = combined * _MIX + bands[:, :, j]
-        combined ^= combined >> np.uint64(29)
-        combined *= _MIX
-    return combined
 
 
 _HASHES = re.compile(r"#+")
@@ -380,52 +277,6 @@ def _subset(sizes: np.ndarray, docs: list[int]) -> np.ndarray:
     return np.repeat(keep, sizes)
 
 
-def _shingle_batch(folded: list[list[str]], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every document's shingle hashes (as `shingle_hashes`, repeats kept: they cannot change a minimum) end to
-    end, and where each document's start."""
-    sizes = np.fromiter(map(len, folded), dtype=np.int64, count=len(folded))
-    return _shingles(word_ids([w for words in folded for w in words], {}), sizes, n)
-
-
-def _shingles(ids: np.ndarray, sizes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """`_shingle_batch` from word hashes end to end and words per document."""
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    hashes = ngram_hashes(ids, n) if len(ids) >= n else np.zeros(0, dtype=np.uint64)
-    owner = np.repeat(np.arange(len(sizes)), sizes)[: len(hashes)]
-    keep = np.arange(len(hashes)) + n <= offsets[owner + 1]
-    full = (hashes[keep] >> np.uint64(32)).astype(np.uint32)
-    per_doc = np.maximum(sizes - n + 1, 0)
-    short = np.flatnonzero(sizes < n)
-    if not len(short):
-        # Every document has whole shingles, which already lie end to end in document order.
-        return full, np.concatenate([[0], np.cumsum(per_doc)[:-1]]).astype(np.int64)
-    parts, starts, at = [], [], 0
-    cut = np.concatenate([[0], np.cumsum(per_doc)])
-    for i, size in enumerate(sizes):
-        # A document shorter than a shingle is one shingle of all its words, as in `shingle_hashes`.
-        part = full[cut[i] : cut[i + 1]] if size >= n else \
-            (ngram_hashes(ids[offsets[i] : offsets[i + 1]], n) >> np.uint64(32)).astype(np.uint32)
-        parts.append(part)
-        starts.append(at)
-        at += len(part)
-    return np.concatenate(parts), np.array(starts, dtype=np.int64)
-
-
-_BANDINGS: dict[tuple[float, int], tuple[int, int]] = {}
-
-
-def _banding(threshold: float, num_perm: int) -> tuple[int, int]:
-    """datasketch's (bands, rows) for the threshold, remembered: choosing them numerically integrates over every
-    candidate banding, which cost more than deduplicating a small source, and it is redone for every source."""
-    if (threshold, num_perm) not in _BANDINGS:
-        if not 0 < threshold < 1:
-            raise UserError(f"data.clean.near_dedup_threshold must be between 0 and 1, got {threshold}")
-        _, _, MinHashLSH = _minhash_classes()
-        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        _BANDINGS[threshold, num_perm] = (lsh.b, lsh.r)
-    return _BANDINGS[threshold, num_perm]
-
-
 def resolve_scans(scans, cfg: CleanConfig, seed: int = 1, keys: list | None = None) -> tuple[list[str], dict]:
     """Apply the scans in input order: removal rules, then exact and near deduplication against earlier kept
     documents. Returns the kept documents and the report (input, kept, nfc_changed, one count per rule).
@@ -442,7 +293,7 @@ def resolve_scans(scans, cfg: CleanConfig, seed: int = 1, keys: list | None = No
             raise UserError(f"data.clean.near_dedup_threshold must be between 0 and 1, got {cfg.near_dedup_threshold}")
         # datasketch chooses the banding (bands x rows) for the threshold; the buckets are kept here as plain
         # dicts keyed by each band's bytes, which finds the same candidates without a Python object per document.
-        n_bands, rows = _banding(cfg.near_dedup_threshold, cfg.near_dedup_num_perm)
+        n_bands, rows = banding(cfg.near_dedup_threshold, cfg.near_dedup_num_perm)
         width = n_bands * rows
         buckets: list[dict[int, list[int]]] = [{} for _ in range(n_bands)]
     signatures: dict[int, np.ndarray] = {}
@@ -474,7 +325,7 @@ def resolve_scans(scans, cfg: CleanConfig, seed: int = 1, keys: list | None = No
             # candidate also needs one band that is really equal: exactly datasketch's candidates, whatever the hash.
             if candidates and any(
                     np.count_nonzero(signature == signatures[k]) / len(signature) >= cfg.near_dedup_threshold
-                    and _shares_band(signature, signatures[k], width, rows) for k in candidates):
+                    and shares_band(signature, signatures[k], width, rows) for k in candidates):
                 removed["near_duplicate"] += 1
                 continue
             signatures[len(kept)] = signature
@@ -489,11 +340,6 @@ def resolve_scans(scans, cfg: CleanConfig, seed: int = 1, keys: list | None = No
             keys.append(key)
     return kept, {"input": counts["input"], "kept": len(kept), "nfc_changed": counts["nfc_changed"],
                   "removed": removed}
-
-
-def _shares_band(a: np.ndarray, b: np.ndarray, width: int, rows: int) -> bool:
-    """Whether two signatures agree on every row of at least one band."""
-    return bool((a[:width] == b[:width]).reshape(-1, rows).all(axis=1).any())
 
 
 def clean_documents(docs: list[str], cfg: CleanConfig, quality: bool) -> tuple[list[str], dict]:

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from tinylm.data import synthetic
-from tinylm.data.clean import _banding, dedup_key, resolve_scans, scan_documents
+from tinylm.data.clean import dedup_key, resolve_scans, scan_documents
+from tinylm.data.minhash import banding
 from tinylm.data.config import DataConfig, SourceConfig
 from tinylm.data.shards import MANIFEST, ShardSet, ShardWriter, atomic_write_bytes, atomic_write_json, token_dtype
 from tinylm.data.sources import cpu_count, documents, signature, validate_source
@@ -134,7 +135,7 @@ def clean_sources(cfg: DataConfig, sources: list[SourceConfig], workers: int | N
     if cfg.clean.near_dedup:
         # datasketch is imported and the LSH banding chosen once here, before forking, rather than in every
         # worker (the workers hash each signature's bands, so they need the banding too).
-        _banding(cfg.clean.near_dedup_threshold, cfg.clean.near_dedup_num_perm)
+        banding(cfg.clean.near_dedup_threshold, cfg.clean.near_dedup_num_perm)
     pool = _pool_context().Pool(min(workers, len(jobs))) if workers > 1 and len(jobs) > 1 else None
     try:
         scans = pool.imap(_scan_chunk, jobs) if pool else map(_scan_chunk, jobs)

@@ -3,7 +3,8 @@
 A recipe whose mixture cannot be filled within the repetition cap fails on its first command, so the mixture is
 resolved for the recipe's real token budget: on the prepared data for recipes whose data is local (skipped when
 a file they read is absent), and on the published sizes of the Hugging Face datasets for the real-scale recipes,
-which cannot be downloaded here.
+which cannot be downloaded here. A recipe that starts from another's checkpoint (rl.toml from the quickstart's
+SFT model) trains, on a machine without that checkpoint, from a smoke run of the recipe that writes it.
 """
 
 import glob
@@ -121,17 +122,41 @@ def _smoke_overrides(recipe, data_dir) -> list[str]:
     return sets
 
 
+def _smoke_train(path, recipe, out, data_dir, capsys, extra=()):
+    sets = _smoke_overrides(recipe, data_dir) + list(extra)
+    args = ["train", str(path), "--backend", "torch", "--out", str(out), "--quiet"]
+    assert main(args + [a for s in sets for a in ("--set", s)]) == 0, capsys.readouterr().err
+
+
+def _stand_in_start(checkpoint: str, tmp_path, capsys) -> Path | None:
+    """The stage folder of a smoke run of the shipped recipe whose stage writes `checkpoint` (rl.toml starts
+    from the quickstart's SFT model): the same model shape, tokenizer and chat template, trained for a couple
+    of steps. None if no shipped recipe writes it."""
+    for path in LOCAL:
+        recipe = _load(path)
+        for stage in resolve_stages(recipe):
+            if stage.out.resolve() == Path(checkpoint).resolve() and not _missing_files(recipe):
+                out = tmp_path / f"stand-in-{path.stem}"
+                _smoke_train(path, recipe, out, tmp_path / f"stand-in-{path.stem}-data", capsys)
+                return out / stage.out.relative_to(recipe.train.out)
+    return None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", LOCAL, ids=lambda p: p.stem)
 def test_local_recipe_trains_a_couple_of_steps(path, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     r = _load(path)
+    extra = []
+    if r.train.init_from and not Path(r.train.init_from).exists():
+        # A run from another recipe's checkpoint: a fresh machine has none, so that recipe makes a stand-in.
+        if (start := _stand_in_start(r.train.init_from, tmp_path, capsys)) is not None:
+            extra.append(f"train.init_from={start}")
+            r = _load(path, extra)
     if missing := _missing_files(r):
         pytest.skip(f"{path.name} reads {missing[0]}, absent here")
     out = tmp_path / "run"
-    sets = _smoke_overrides(r, tmp_path / "data")
-    args = ["train", str(path), "--backend", "torch", "--out", str(out), "--quiet"]
-    assert main(args + [a for s in sets for a in ("--set", s)]) == 0, capsys.readouterr().err
+    _smoke_train(path, r, out, tmp_path / "data", capsys, extra)
     for stage in resolve_stages(r, out):
         rows = [json.loads(line) for line in (stage.out / "metrics.jsonl").read_text().splitlines()]
         losses = [row["loss"] for row in rows if "loss" in row]

@@ -91,9 +91,9 @@ def test_any_recipe_takes_any_preset(capsys):
 @pytest.mark.parametrize(
     "path", [pytest.param(p, marks=[pytest.mark.slow] if _slow_to_prepare(p) else []) for p in LOCAL],
     ids=lambda p: p.stem)
-def test_local_recipe_resolves_at_its_full_step_count(path, tmp_path, monkeypatch):
+def test_local_recipe_resolves_at_its_full_step_count(path, tmp_path, monkeypatch, capsys, stand_in):
     monkeypatch.chdir(REPO)
-    r = _load(path, [f"data.dir={tmp_path / 'data'}"])
+    r = _load(path, [f"data.dir={tmp_path / 'data'}", *stand_in(_load(path), capsys)])
     if missing := _missing_files(r):
         pytest.skip(f"{path.name} reads {missing[0]}, absent here")
     from tinylm.data.prepare import open_prepared
@@ -128,31 +128,40 @@ def _smoke_train(path, recipe, out, data_dir, capsys, extra=()):
     assert main(args + [a for s in sets for a in ("--set", s)]) == 0, capsys.readouterr().err
 
 
-def _stand_in_start(checkpoint: str, tmp_path, capsys) -> Path | None:
-    """The stage folder of a smoke run of the shipped recipe whose stage writes `checkpoint` (rl.toml starts
-    from the quickstart's SFT model): the same model shape, tokenizer and chat template, trained for a couple
-    of steps. None if no shipped recipe writes it."""
-    for path in LOCAL:
-        recipe = _load(path)
-        for stage in resolve_stages(recipe):
-            if stage.out.resolve() == Path(checkpoint).resolve() and not _missing_files(recipe):
-                out = tmp_path / f"stand-in-{path.stem}"
-                _smoke_train(path, recipe, out, tmp_path / f"stand-in-{path.stem}-data", capsys)
-                return out / stage.out.relative_to(recipe.train.out)
-    return None
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    """`stand_in(recipe, capsys)`: overrides that start `recipe` from a stand-in for the checkpoint it names in
+    `train.init_from` where that is absent (a fresh machine has no `runs/quickstart/sft`, which rl.toml starts
+    from): the stage folder of a smoke run of the shipped recipe that writes it, with the same model shape,
+    tokenizer and chat template, made once per module. No overrides where the checkpoint exists or no shipped
+    recipe writes it."""
+    made: dict[str, Path] = {}
+
+    def overrides(recipe, capsys) -> list[str]:
+        checkpoint = recipe.train.init_from
+        if not checkpoint or Path(checkpoint).exists():
+            return []
+        if checkpoint not in made:
+            for path in LOCAL:
+                source = _load(path)
+                stage = next((st for st in resolve_stages(source)
+                              if st.out.resolve() == Path(checkpoint).resolve()), None)
+                if stage is not None and not _missing_files(source):
+                    root = tmp_path_factory.mktemp(f"stand-in-{path.stem}")
+                    _smoke_train(path, source, root / "run", root / "data", capsys)
+                    made[checkpoint] = root / "run" / stage.out.relative_to(source.train.out)
+                    break
+        return [f"train.init_from={made[checkpoint]}"] if checkpoint in made else []
+
+    return overrides
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", LOCAL, ids=lambda p: p.stem)
-def test_local_recipe_trains_a_couple_of_steps(path, tmp_path, monkeypatch, capsys):
+def test_local_recipe_trains_a_couple_of_steps(path, tmp_path, monkeypatch, capsys, stand_in):
     monkeypatch.chdir(REPO)
-    r = _load(path)
-    extra = []
-    if r.train.init_from and not Path(r.train.init_from).exists():
-        # A run from another recipe's checkpoint: a fresh machine has none, so that recipe makes a stand-in.
-        if (start := _stand_in_start(r.train.init_from, tmp_path, capsys)) is not None:
-            extra.append(f"train.init_from={start}")
-            r = _load(path, extra)
+    extra = stand_in(_load(path), capsys)
+    r = _load(path, extra)
     if missing := _missing_files(r):
         pytest.skip(f"{path.name} reads {missing[0]}, absent here")
     out = tmp_path / "run"

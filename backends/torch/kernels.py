@@ -27,7 +27,6 @@ def _(positions, dim, theta, dtype):
     return positions.new_empty(shape, dtype=dtype), positions.new_empty(shape, dtype=dtype)
 
 
-
 @torch.library.custom_op("tinylm::embedding", mutates_args=())
 def embedding(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Rows of `table` for integer `ids`: `F.embedding`, opaque to the compiler. Compiled, the table's gradient
@@ -66,6 +65,7 @@ def _embedding_grad(ctx, grad):
 
 
 torch.library.register_autograd("tinylm::embedding", _embedding_grad, setup_context=_embedding_setup)
+
 
 # From this many logits on, cross-entropy on a CPU runs fused with the output head (`linear_cross_entropy`):
 # measured on 2 cores, forward and backward, 4,096 x 192 by 2,048 (the quickstart's) took 36 against 68 ms in

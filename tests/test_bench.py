@@ -44,6 +44,19 @@ def test_a_case_in_an_extra_dtype_gets_its_own_row_against_that_dtypes_peak(monk
     assert "bfloat16" in lines[1] and "x fp32" in lines[1]
 
 
+def test_a_row_says_whether_its_step_ran_compiled(monkeypatch):
+    pytest.importorskip("mlx.core")
+    from tinylm.model import ModelConfig
+
+    monkeypatch.setattr(bench, "CASES", (("micro", ModelConfig(preset="micro"), 32, 2, 1),))
+    monkeypatch.setattr(bench, "EXTRA_DTYPES", {})
+    monkeypatch.setattr(bench, "COMPILED", {})
+    peaks = {"float32": (1e11, "given")}
+    for name, compiled in (("torch", False), ("mlx", True)):  # MLX compiles its step unless told not to
+        rows = bench.case_rows(get_backend(name), "micro", peaks, lambda line: None)
+        assert [r["compiled"] for r in rows] == [compiled]
+
+
 @pytest.mark.slow
 def test_a_compiled_case_gets_its_own_row_with_the_same_losses(monkeypatch):
     from tinylm.model import ModelConfig

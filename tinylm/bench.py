@@ -152,7 +152,8 @@ def _row(name, backend_name, device, tps, flops_per_token, peak, source, memory_
 def _measure(backend, case: tuple, dtype: str, peak: tuple[float, str], compiled: bool = False) -> dict:
     """The row of `case` ((name, model, seq_len, batch, steps), as in `CASES`) trained on `backend` in compute
     dtype `dtype`, its MFU against `peak` ((FLOP/s, source)); `compiled`: on a torch.compile'd copy of the
-    backend, after two more untimed steps (compilation, and room for a recompilation)."""
+    backend, after two more untimed steps (compilation, and room for a recompilation). The row's `compiled`
+    says whether the step ran compiled: MLX's rows are, by MLX's default."""
     name, config, seq_len, batch, steps = case
     runner = backend
     if compiled:
@@ -162,7 +163,7 @@ def _measure(backend, case: tuple, dtype: str, peak: tuple[float, str], compiled
     shape, tps, losses = train_throughput(runner, config, seq_len, batch, steps, dtype, 3 if compiled else 1)
     row = _row(name, backend.name, backend.device_name, tps, model.flops_per_token(shape, seq_len), *peak,
                _peak_memory_mb(runner), losses, dtype)
-    row.update(seq_len=seq_len, batch_size=batch, compiled=compiled)
+    row.update(seq_len=seq_len, batch_size=batch, compiled=compiled or bool(runner.use_compile))
     return row
 
 

@@ -74,8 +74,7 @@ def test_the_compiler_wrapper_calls_the_real_compiler_even_when_it_is_already_fi
     assert version.returncode == 0 and version.stdout
 
 
-_OPENBLAS = glob.glob("/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so*") + glob.glob(
-    "/usr/lib/*-linux-gnu/libopenblas.so*")
+_OPENBLAS = [path for pattern in linux_cpu.OPENBLAS_PATTERNS for path in glob.glob(pattern)]
 
 
 @pytest.mark.skipif(not _OPENBLAS, reason="no OpenBLAS to load")

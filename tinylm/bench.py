@@ -163,7 +163,7 @@ def _measure(backend, case: tuple, dtype: str, peak: tuple[float, str], compiled
     shape, tps, losses = train_throughput(runner, config, seq_len, batch, steps, dtype, 3 if compiled else 1)
     row = _row(name, backend.name, backend.device_name, tps, model.flops_per_token(shape, seq_len), *peak,
                _peak_memory_mb(runner), losses, dtype)
-    row.update(seq_len=seq_len, batch_size=batch, compiled=compiled or bool(runner.use_compile))
+    row.update(seq_len=seq_len, batch_size=batch, compiled=bool(runner.use_compile))
     return row
 
 

@@ -25,6 +25,8 @@ from tinylm.mfu import cache_dir
 # The others change no value either: math functions need not set errno, nor floating-point exceptions trap.
 VECTORIZING_FLAGS = ("-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
                      "-finline-limit=10000")
+# Where Debian installs OpenBLAS, its pthread build first.
+OPENBLAS_PATTERNS = ("/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so*", "/usr/lib/*-linux-gnu/libopenblas.so*")
 _MARKER = "# tinylm: MLX's kernel compiler, with flags that let it vectorize (backends/mlx/linux_cpu.py)"
 vectorized_kernels = False  # whether `use_vectorizing_compiler` put its compiler in front of MLX's
 
@@ -40,7 +42,7 @@ def load_openblas() -> None:
     # Loaded first, each library keeps its own.
     if "torch" not in sys.modules and importlib.util.find_spec("torch") is not None:
         import torch  # noqa: F401
-    for pattern in ("/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so*", "/usr/lib/*-linux-gnu/libopenblas.so*"):
+    for pattern in OPENBLAS_PATTERNS:
         for path in sorted(glob.glob(pattern)):
             if "mlx.core" in sys.modules:  # too late: mlx has bound its own BLAS's symbols already
                 warnings.warn("mlx was imported before tinylm's MLX backend, so its matmuls run on the reference BLAS"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from tinylm import checkpoint
+from tinylm.train import checkpoint
 from tinylm.data.tokenizer import save_tokenizer, train_tokenizer
 from tinylm.model import ModelShape, init_params
 

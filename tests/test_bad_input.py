@@ -20,7 +20,7 @@ import pytest
 from helpers_eval import make_checkpoint
 from test_trainer import _recipe as train_recipe
 
-from tinylm import checkpoint
+from tinylm.train import checkpoint
 from tinylm.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, prepared):
-    from tinylm.hf import export_hf
+    from tinylm.interop.hf import export_hf
 
     tmp = tmp_path_factory.mktemp("bad-input")
     recipe = train_recipe(tmp, prepared, steps=4)

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinylm import bench
+from tinylm.bench import suite as bench
 from tinylm.backends import get_backend
-from tinylm.bench_baseline import baseline_throughput
+from tinylm.bench.baseline import baseline_throughput
 
 
 def test_nanogpt_shape_row_and_its_baseline_start_from_the_same_loss_and_learn():
@@ -78,13 +78,13 @@ def test_a_childs_peak_memory_leaves_out_its_parents():
     block = np.ones(400 * 2**20 // 8)
     block[::512] += 1  # touch every page
     del block
-    code = "from tinylm.bench import _resident_peak_bytes as f; print(f())"
+    code = "from tinylm.bench.memory import resident_peak_bytes as f; print(f())"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(child.stdout) < 300 * 2**20
 
 
 def test_the_data_bench_prepares_every_family_it_writes():
-    from tinylm.data import bench as data_bench
+    from tinylm.bench import data as data_bench
 
     result = data_bench.run(target_mb=0.05, echo=False)
     assert result["docs"] >= 30 and result["data_mb"] > 0.03  # each of its three families, 10 documents or more

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tinylm import checkpoint
+from tinylm.train import checkpoint
 from tinylm.cli import main
 
 from conftest import data_toml

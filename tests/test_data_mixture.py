@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tinylm.config import from_dict
-from tinylm.data.cli import app
+from tinylm.cli.data import app
 from tinylm.data.config import DataConfig
 from tinylm.data.mixture import cap_weights, compute_mixture, resolve_phases, temperature_weights
 from tinylm.data.prepare import prepare

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from tinylm.config import from_dict
 from tinylm.data import prepare as prep
-from tinylm.data.cli import app, tokenizer_app
+from tinylm.cli.data import app, tokenizer_app
 from tinylm.data.config import DataConfig
 from tinylm.data.shards import ShardSet
 from tinylm.errors import UserError

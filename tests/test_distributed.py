@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import data_toml
-from tinylm.distributed import bucket_plan, owner_plan
+from tinylm.train.distributed import bucket_plan, owner_plan
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 LAUNCHERS = {"torch": "torchrun", "mlx": "mlx.launch"}
@@ -42,7 +42,9 @@ def test_gradient_hooks_see_every_gradient_as_returned(backend_name):
     pytest.importorskip("mlx.core" if backend_name == "mlx" else "torch")
     import numpy as np
 
-    from tinylm import model, objectives
+    from tinylm import model
+
+    from tinylm.train import objectives
     from tinylm.backends import get_backend
     from tinylm.model import ModelConfig, resolve
 
@@ -110,8 +112,8 @@ COLLECTIVES = """
 import sys
 import numpy as np
 from tinylm.backends import get_backend
-from tinylm.distributed import DataParallel
-from tinylm.optim import OptimConfig, slots
+from tinylm.train.distributed import DataParallel
+from tinylm.train.optim import OptimConfig, slots
 
 name = sys.argv[1]
 backend = get_backend(name, "float32")
@@ -306,7 +308,7 @@ def test_a_checkpoint_resumes_across_rank_counts_and_sharding(train, tmp_path, f
 def test_sharding_divides_what_a_rank_keeps_and_not_what_it_trains(tmp_path):
     _need("torch")
     out = tmp_path / "sharding.json"
-    code, output = _run([sys.executable, "-m", "tinylm.bench_sharding", "run", "--preset", "micro", "--steps", "2",
+    code, output = _run([sys.executable, "-m", "tinylm.bench.sharding", "run", "--preset", "micro", "--steps", "2",
                          "--seq-len", "32", "--out", str(out)], timeout=240)
     assert code == 0, output
     rows = {row["name"].split("-", 1)[1]: row for row in json.loads(out.read_text())}

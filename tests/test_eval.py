@@ -155,7 +155,7 @@ def test_committee_averages_probabilities(ckpt, tmp_path):
 
 
 def test_evaluate_for_the_trainer(ckpt, tmp_path):
-    from tinylm import checkpoint
+    from tinylm.train import checkpoint
     from tinylm.backends import get_backend
 
     ck = checkpoint.load(ckpt)

@@ -7,7 +7,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers_eval import make_checkpoint  # noqa: E402
 
-from tinylm.eval.cli import main  # noqa: E402
+from tinylm.cli.eval import main  # noqa: E402
 from tinylm.generate import SamplingConfig, generate, load_model  # noqa: E402
 
 MC = [{"context": "The cat sat on the", "choices": ["mat", "sun"], "label": 0},

@@ -14,7 +14,7 @@ from helpers_eval import make_checkpoint  # noqa: E402
 from tinylm.eval import harness  # noqa: E402
 from tinylm.eval.tasks import load_task  # noqa: E402
 from tinylm.generate import load_model  # noqa: E402
-from tinylm.hf import export_hf  # noqa: E402
+from tinylm.interop.hf import export_hf  # noqa: E402
 
 ROWS = [
     {"context": "The cat sat on the", "choices": ["mat", "dog and looked at the sun"], "label": 0},

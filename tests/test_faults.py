@@ -12,7 +12,7 @@ import pytest
 from test_bad_input import ROOT, cli_command, cli_env, run_cli
 from test_trainer import _losses, _recipe as train_recipe
 
-from tinylm import checkpoint
+from tinylm.train import checkpoint
 
 TRIALS = 10
 STEPS = 60

@@ -7,11 +7,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tinylm.backends.torch import kernels  # noqa: E402
-from tinylm import model, objectives  # noqa: E402
+from tinylm import model  # noqa: E402
+from tinylm.train import objectives  # noqa: E402
 from tinylm.backends import get_backend  # noqa: E402
 from tinylm.model import Compute, ModelConfig, resolve  # noqa: E402
-from tinylm.optim import OptimConfig  # noqa: E402
-from tinylm.train_module import TrainModule  # noqa: E402
+from tinylm.train.optim import OptimConfig  # noqa: E402
+from tinylm.train.step import TrainModule  # noqa: E402
 
 
 @pytest.fixture

@@ -9,13 +9,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tinylm import checkpoint, model  # noqa: E402
+from tinylm import model  # noqa: E402
+
+from tinylm.train import checkpoint  # noqa: E402
 from tinylm.backends import get_backend, resolve_dtype  # noqa: E402
 from tinylm.backends.torch import TorchBackend  # noqa: E402
 from tinylm.cli import main  # noqa: E402
 from tinylm.model import ModelConfig, resolve  # noqa: E402
-from tinylm.optim import OptimConfig  # noqa: E402
-from tinylm.train_module import TrainModule  # noqa: E402
+from tinylm.train.optim import OptimConfig  # noqa: E402
+from tinylm.train.step import TrainModule  # noqa: E402
 
 from test_trainer import _recipe  # noqa: E402
 

@@ -8,10 +8,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers_eval import make_checkpoint  # noqa: E402
 
-from tinylm import checkpoint, model  # noqa: E402
+from tinylm import model  # noqa: E402
+
+from tinylm.train import checkpoint  # noqa: E402
 from tinylm.backends import get_backend  # noqa: E402
 from tinylm.errors import UserError  # noqa: E402
-from tinylm.hf import export_hf, import_hf  # noqa: E402
+from tinylm.interop.hf import export_hf, import_hf  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")

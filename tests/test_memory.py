@@ -12,14 +12,18 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("mlx.core")
 
-from tinylm import bench_memory, config, model, objectives  # noqa: E402
+from tinylm import config, model  # noqa: E402
+
+from tinylm.bench import memory as bench_memory  # noqa: E402
+
+from tinylm.train import objectives  # noqa: E402
 from tinylm.backends import get_backend  # noqa: E402
 from tinylm.cli import main  # noqa: E402
 from tinylm.model import Compute, ModelConfig, resolve  # noqa: E402
-from tinylm.optim import OptimConfig  # noqa: E402
+from tinylm.train.optim import OptimConfig  # noqa: E402
 from tinylm.recipe import Recipe, TrainConfig, resolve_stages  # noqa: E402
 from tinylm.runner import stage_fingerprint  # noqa: E402
-from tinylm.train_module import TrainModule  # noqa: E402
+from tinylm.train.step import TrainModule  # noqa: E402
 
 from conftest import data_toml  # noqa: E402
 

@@ -83,7 +83,7 @@ def test_auto_dtype_on_mlx_is_float32_on_a_cpu_without_measuring(monkeypatch):
 def test_train_announces_and_records_the_resolved_dtype(monkeypatch, tmp_path, prepared, capsys):
     from test_trainer import _recipe
 
-    from tinylm import checkpoint
+    from tinylm.train import checkpoint
     from tinylm.cli import main
 
     monkeypatch.setenv("TINYLM_CACHE_DIR", str(tmp_path / "cache"))

@@ -92,7 +92,7 @@ def test_torch_keeps_its_own_blas_when_the_mlx_backend_is_loaded_first():
     pytest.importorskip("torch")
     # PyTorch loaded after OpenBLAS had gone global took OpenBLAS's BLAS for its own: other numbers, and
     # threads that fought PyTorch's for the cores.
-    steps = ("from tinylm import bench; from tinylm.backends import get_backend; "
+    steps = ("from tinylm.bench import suite as bench; from tinylm.backends import get_backend; "
              "print(repr(bench.train_throughput(get_backend('torch'), bench.CASES[0][1], 64, 12, 3)[2]))")
     losses = []
     for first in ("", "import tinylm.backends.mlx; "):

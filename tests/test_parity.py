@@ -9,8 +9,8 @@ pytest.importorskip("mlx.core")
 from tinylm import model  # noqa: E402
 from tinylm.backends import get_backend  # noqa: E402
 from tinylm.model import ModelConfig, resolve  # noqa: E402
-from tinylm.optim import OptimConfig  # noqa: E402
-from tinylm.train_module import TrainModule  # noqa: E402
+from tinylm.train.optim import OptimConfig  # noqa: E402
+from tinylm.train.step import TrainModule  # noqa: E402
 
 BACKENDS = ("torch", "mlx")
 SHAPES = {

@@ -12,13 +12,13 @@ from safetensors.numpy import load_file, save_file
 from helpers_eval import make_checkpoint
 from test_trainer import _losses, _recipe as train_recipe
 
-from tinylm import checkpoint
+from tinylm.train import checkpoint
 from tinylm.cli import main
 from tinylm.data.config import SourceConfig
 from tinylm.data.prepare import batches
 from tinylm.data.sources import MAX_DOC_CHARS, documents, split_long
 from tinylm.errors import UserError
-from tinylm.metrics_log import MetricsLog
+from tinylm.train.metrics_log import MetricsLog
 
 
 def test_metrics_are_json_with_null_for_non_finite_values(tmp_path):

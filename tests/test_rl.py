@@ -8,12 +8,14 @@ import pytest
 pytest.importorskip("torch")
 
 from helpers_eval import SHAPE, make_checkpoint  # noqa: E402
-from tinylm import checkpoint, model, objectives  # noqa: E402
+from tinylm import model  # noqa: E402
+from tinylm.train import checkpoint  # noqa: E402
+from tinylm.train import objectives  # noqa: E402
 from tinylm.backends import get_backend  # noqa: E402
 from tinylm.cli import main  # noqa: E402
-from tinylm.optim import OptimConfig  # noqa: E402
-from tinylm.rl import GroupedPrefill, group_advantages, token_weights  # noqa: E402
-from tinylm.train_module import TrainModule  # noqa: E402
+from tinylm.train.optim import OptimConfig  # noqa: E402
+from tinylm.post.rl import GroupedPrefill, group_advantages, token_weights  # noqa: E402
+from tinylm.train.step import TrainModule  # noqa: E402
 
 
 def test_group_advantages_by_hand():
@@ -149,7 +151,7 @@ def test_rollout_old_logprobs_come_from_the_sampler(tmp_path, backend):
     from types import SimpleNamespace
 
     from tinylm.recipe import TrainConfig
-    from tinylm.rl import GRPOConfig, RLData
+    from tinylm.post.rl import GRPOConfig, RLData
 
     if backend == "mlx":
         pytest.importorskip("mlx.core")

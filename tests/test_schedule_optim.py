@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tinylm.schedule import ScheduleConfig, lr_at
+from tinylm.train.schedule import ScheduleConfig, lr_at
 
 
 def test_wsd_warms_up_holds_then_decays_to_floor():
@@ -29,7 +29,7 @@ def test_cosine_and_constant():
 def test_adamw_rule_matches_torch_adamw_with_bias_correction():
     torch = pytest.importorskip("torch")
     from tinylm.backends import get_backend
-    from tinylm.optim import OptimConfig, init_state, update
+    from tinylm.train.optim import OptimConfig, init_state, update
 
     rng = np.random.default_rng(0)
     w0 = rng.standard_normal((5, 3)).astype(np.float32)
@@ -52,7 +52,7 @@ def test_adamw_rule_matches_torch_adamw_with_bias_correction():
 def test_muon_orthogonalizes_and_matches_adamw_rms(backend_name, dtype, rows, cols):
     pytest.importorskip("mlx.core" if backend_name == "mlx" else "torch")
     from tinylm.backends import get_backend
-    from tinylm.optim import newton_schulz
+    from tinylm.train.optim import newton_schulz
 
     b = get_backend(backend_name)
     g = b.from_numpy({"g": np.random.default_rng(1).standard_normal((rows, cols)).astype(np.float32)})["g"]
@@ -80,7 +80,7 @@ def test_addmm_is_a_scaled_product_plus_a_scaled_term(backend_name):
 
 def test_clipping_bounds_the_global_norm():
     from tinylm.backends import get_backend
-    from tinylm.optim import clip_scale, global_norm
+    from tinylm.train.optim import clip_scale, global_norm
 
     b = get_backend("torch")
     grads = b.from_numpy({"a": np.full((4,), 3.0, np.float32), "b": np.full((2, 2), 4.0, np.float32)})
@@ -99,8 +99,8 @@ def test_fused_adamw_kernel_matches_the_core_rule(grad_clip):
     from tinylm import model
     from tinylm.backends.torch import TorchBackend
     from tinylm.model import ModelConfig, resolve
-    from tinylm.optim import OptimConfig
-    from tinylm.train_module import TrainModule
+    from tinylm.train.optim import OptimConfig
+    from tinylm.train.step import TrainModule
 
     shape = resolve(ModelConfig(preset="micro"))
     weights = model.init_params(shape, 0)
@@ -125,7 +125,7 @@ def test_fused_adamw_kernel_matches_the_core_rule(grad_clip):
 def test_torch_uses_the_fused_adamw_kernel_by_default():
     pytest.importorskip("torch")
     from tinylm.backends.torch import TorchBackend
-    from tinylm.optim import OptimConfig
+    from tinylm.train.optim import OptimConfig
 
     assert TorchBackend().fused_adamw(OptimConfig(name="adamw")) is not None
     assert TorchBackend(fused_adamw=False).fused_adamw(OptimConfig(name="adamw")) is None

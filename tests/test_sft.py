@@ -9,16 +9,18 @@ pytest.importorskip("torch")
 pytest.importorskip("mlx.core")
 
 from helpers_eval import SHAPE, make_checkpoint, tokenizer_file  # noqa: E402
-from tinylm import checkpoint, model, objectives  # noqa: E402
+from tinylm import model  # noqa: E402
+from tinylm.train import checkpoint  # noqa: E402
+from tinylm.train import objectives  # noqa: E402
 from tinylm.backends import get_backend  # noqa: E402
 from tinylm.data.config import SourceConfig  # noqa: E402
 from tinylm.data.tokenizer import ASSISTANT, BOS, END, SYSTEM, USER, load_tokenizer  # noqa: E402
 from tinylm.errors import UserError  # noqa: E402
-from tinylm.objectives import DistillConfig  # noqa: E402
-from tinylm.optim import OptimConfig  # noqa: E402
-from tinylm.sft import SFTConfig, SFTData, encode_conversation, model_batch, pack_best_fit, pack_rows  # noqa: E402
+from tinylm.train.objectives import DistillConfig  # noqa: E402
+from tinylm.train.optim import OptimConfig  # noqa: E402
+from tinylm.post.sft import SFTConfig, SFTData, encode_conversation, model_batch, pack_best_fit, pack_rows  # noqa: E402
 from tinylm.stages import Teacher  # noqa: E402
-from tinylm.train_module import TrainModule  # noqa: E402
+from tinylm.train.step import TrainModule  # noqa: E402
 
 BACKENDS = ("torch", "mlx")
 CONVERSATIONS = [
@@ -192,8 +194,8 @@ def test_teacher_with_another_tokenizer_is_refused(tmp_path):
 
 def test_exported_chat_template_gives_tinylms_token_ids(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from tinylm.hf import export_hf
-    from tinylm.sft import prompt_ids
+    from tinylm.interop.hf import export_hf
+    from tinylm.post.sft import prompt_ids
 
     ckpt = make_checkpoint(tmp_path / "run")
     hf_tok = transformers.AutoTokenizer.from_pretrained(export_hf(ckpt, tmp_path / "hf"))
@@ -215,7 +217,7 @@ def test_gsm8k_file_is_read_as_conversations(tmp_path):
     path = SHARED_DATA / "gsm8k_train.jsonl"
     if not path.is_file():
         pytest.skip("the shared GSM8K file is absent")
-    from tinylm.sft import read_conversations
+    from tinylm.post.sft import read_conversations
 
     src = SourceConfig(name="gsm8k", type="jsonl", path=str(path), max_docs=20)
     convs = read_conversations(src, system="")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tinylm import checkpoint
+from tinylm.train import checkpoint
 from tinylm.cli import main
 
 from conftest import data_toml
@@ -162,7 +162,7 @@ def test_users_task_file_is_scored_and_chat_models_get_the_template(tmp_path, pr
     from tinylm.data.tokenizer import BOS
     from tinylm.eval import harness
     from tinylm.generate import chat_prompt, encode_prompt, load_model
-    from tinylm.sft import prompt_ids
+    from tinylm.post.sft import prompt_ids
 
     seen = []
     real = harness.run_tasks

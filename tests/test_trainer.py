@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from tinylm import checkpoint
+from tinylm.train import checkpoint
 from tinylm.cli import main
 
 from conftest import data_toml
@@ -70,7 +70,7 @@ def test_train_writes_metrics_validation_and_checkpoints(tmp_path, prepared, bac
 def test_checkpoint_from_one_backend_gives_same_val_loss_in_the_other(tmp_path, prepared):
     from tinylm.backends import get_backend
     from tinylm.recipe import load
-    from tinylm.trainer import Trainer
+    from tinylm.train.trainer import Trainer
 
     out = tmp_path / "run"
     recipe_path = _recipe(tmp_path, prepared, steps=4)

@@ -269,7 +269,7 @@ def generate(lm, tok, texts: list[str], cfg: SamplingConfig, meta: dict | None =
 
 def load_model(path: str | os.PathLike, backend_name: str = "auto"):
     """(Model, tokenizer, checkpoint) for a checkpoint directory, in float32."""
-    from tinylm import checkpoint
+    from tinylm.train import checkpoint
     from tinylm.backends import get_backend
 
     ckpt = checkpoint.load(path, with_optimizer=False)

@@ -7,16 +7,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tinylm import config
-from tinylm.coevolve import CoevolveConfig
+from tinylm.post.coevolve import CoevolveConfig
 from tinylm.data.config import DataConfig
-from tinylm.dpo import DPOConfig
+from tinylm.post.dpo import DPOConfig
 from tinylm.errors import UserError
 from tinylm.model import ModelConfig, ModelShape
-from tinylm.objectives import OBJECTIVES, DistillConfig
-from tinylm.optim import OptimConfig
-from tinylm.rl import GRPOConfig
-from tinylm.schedule import ScheduleConfig
-from tinylm.sft import SFTConfig
+from tinylm.train.objectives import OBJECTIVES, DistillConfig
+from tinylm.train.optim import OptimConfig
+from tinylm.post.rl import GRPOConfig
+from tinylm.train.schedule import ScheduleConfig
+from tinylm.post.sft import SFTConfig
 
 
 @dataclass

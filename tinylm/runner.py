@@ -17,9 +17,9 @@ import json
 import time
 from pathlib import Path
 
-from tinylm import checkpoint
+from tinylm.train import checkpoint
 from tinylm.config import to_dict
-from tinylm.data.shards import atomic_write_json
+from tinylm.files import atomic_write_json
 from tinylm.errors import UserError
 from tinylm.recipe import Recipe, Stage, pick_stage, resolve_stages
 

@@ -13,14 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from tinylm import checkpoint, model, objectives
+from tinylm import model
+
+from tinylm.train import checkpoint
+
+from tinylm.train import objectives
 from tinylm.errors import UserError
-from tinylm.objectives import DistillConfig
+from tinylm.train.objectives import DistillConfig
 from tinylm.recipe import Stage
-from tinylm.coevolve import CoevolveData
-from tinylm.dpo import DPOData
-from tinylm.rl import RLData
-from tinylm.sft import SFTData
+from tinylm.post.coevolve import CoevolveData
+from tinylm.post.dpo import DPOData
+from tinylm.post.rl import RLData
+from tinylm.post.sft import SFTData
 
 
 LONG_CONTEXT_FIELDS = ("rope_theta", "max_seq_len")
@@ -102,7 +106,7 @@ class WeightedRows:
 
 def build_trainer(stage: Stage, backend, resume: bool = False, allow_data_change: bool = False, reporter=None):
     """The trainer of one stage, with its weights, data, objective and (when it distills) its teacher."""
-    from tinylm.trainer import PretrainData, Trainer
+    from tinylm.train.trainer import PretrainData, Trainer
 
     recipe = stage.recipe
     init = starting_weights(stage)

@@ -39,7 +39,7 @@ _STREAMED_MIN_TIME = 32
 
 
 class MLXOps:
-    """The operations `tinylm.model` and `tinylm.optim` are written against."""
+    """The operations `tinylm.model` and `tinylm.train.optim` are written against."""
 
     def __init__(self):
         # On a CPU with several cores: one stream per core, for the kernels of `cpu_streams`.
@@ -270,7 +270,7 @@ class MLXBackend:
     def rank(self) -> int:
         return self._group.rank() if self._group is not None else 0
 
-    # Flat collectives over lists of arrays (see `tinylm.distributed`, which plans what goes in each list).
+    # Flat collectives over lists of arrays (see `tinylm.train.distributed`, which plans what goes in each list).
     def all_sum_flat(self, arrays: list) -> list:
         flat = mx.concatenate([a.reshape(-1) for a in arrays])
         return _split_like(mx.distributed.all_sum(flat, group=self._group), arrays)

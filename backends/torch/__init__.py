@@ -21,7 +21,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class TorchOps:
-    """The operations `tinylm.model` and `tinylm.optim` are written against."""
+    """The operations `tinylm.model` and `tinylm.train.optim` are written against."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -298,7 +298,7 @@ class TorchBackend:
 
     def fused_adamw(self, cfg):
         """AdamW through PyTorch's fused kernel (one launch per parameter group), on CPU and CUDA unless the
-        backend was made with `fused_adamw=False`. Same rule as `tinylm.optim.update`, in place.
+        backend was made with `fused_adamw=False`. Same rule as `tinylm.train.optim.update`, in place.
 
         Returns None (use the core rule) for other optimizers or when turned off.
         """
@@ -339,7 +339,7 @@ class TorchBackend:
     def rank(self) -> int:
         return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
-    # Flat collectives over lists of arrays (see `tinylm.distributed`, which plans what goes in each list).
+    # Flat collectives over lists of arrays (see `tinylm.train.distributed`, which plans what goes in each list).
     def all_sum_flat(self, arrays: list) -> list:
         flat = _flatten(arrays)
         torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
@@ -377,7 +377,7 @@ class TorchBackend:
     def gather_owned(self, local, owner: int, shape: tuple, dtype: str):
         """Parameter sharding's one collective: the whole of a tensor that rank `owner` keeps (`local` there,
         an empty stand-in elsewhere), in the compute dtype; its gradient goes back to the owner as the mean over
-        ranks. See `tinylm.distributed.GatheredParams`."""
+        ranks. See `tinylm.train.distributed.GatheredParams`."""
         return _OwnedParam.apply(local, owner, tuple(shape), _DTYPES[dtype])
 
     def barrier(self) -> None:

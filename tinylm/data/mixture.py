@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tinylm.data.config import MIXTURE_METHODS, DataConfig, MixtureConfig, PhaseConfig
 from tinylm.data.sampler import Phase, normalized
-from tinylm.data.shards import ShardSet, atomic_write_json
+from tinylm.data.shards import ShardSet
+from tinylm.files import atomic_write_json
 from tinylm.errors import UserError
 
 MIXTURE_FILE = "mixture.json"

@@ -24,7 +24,8 @@ from tinylm.data import synthetic
 from tinylm.data.clean import dedup_key, resolve_scans, scan_documents
 from tinylm.data.minhash import banding
 from tinylm.data.config import DataConfig, SourceConfig
-from tinylm.data.shards import MANIFEST, ShardSet, ShardWriter, atomic_write_bytes, atomic_write_json, token_dtype
+from tinylm.data.shards import MANIFEST, ShardSet, ShardWriter, token_dtype
+from tinylm.files import atomic_write_bytes, atomic_write_json
 from tinylm.data.sources import cpu_count, documents, signature, validate_source
 from tinylm.data.tokenizer import (PAD, SPECIAL_TOKENS, document_specials, load_tokenizer, save_tokenizer, token_bytes,
                                    train_tokenizer)

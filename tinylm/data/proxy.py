@@ -56,8 +56,8 @@ class Proxy:
         except ImportError as e:  # the model core is optional for the data half
             raise UserError(f"mixture proxies need the model core and a backend: {e}") from None
         from tinylm.model import ModelShape, init_params
-        from tinylm.optim import OptimConfig
-        from tinylm.train_module import TrainModule
+        from tinylm.train.optim import OptimConfig
+        from tinylm.train.step import TrainModule
 
         if dim % heads or (dim // heads) % 2:
             raise UserError(f"proxy model: dim {dim} must split into {heads} heads of even size")

@@ -19,7 +19,7 @@ from tinylm.data import synthetic
 from tinylm.data.config import JSON_FORMATS, SOURCE_TYPES, SourceConfig
 from tinylm.data.tokenizer import render_chat
 from tinylm.errors import UserError
-from tinylm.jsonl import iter_records
+from tinylm.files import iter_records
 
 Record = Union[str, list]
 TEXT_SUFFIXES = (".txt", ".md")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tinylm.errors import UserError
-from tinylm.jsonl import iter_records
+from tinylm.files import iter_records
 
 
 @dataclass

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from tinylm.config import from_dict
-from tinylm.data.shards import fsync_dir, atomic_write_json
+from tinylm.files import atomic_write_json, fsync_dir
 from tinylm.errors import UserError
 from tinylm.model import ModelShape, param_shapes
 

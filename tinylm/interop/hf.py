@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from tinylm import checkpoint
+from tinylm.train import checkpoint
 from tinylm.errors import UserError
 from tinylm.generate import BOS, CHAT_TEMPLATE, END, EOS, PAD, adds_bos, special_ids
 from tinylm.model import ModelShape

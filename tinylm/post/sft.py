@@ -139,7 +139,7 @@ def loss_targets(packed: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def model_batch(packed: dict[str, np.ndarray], weight_scale: float) -> dict[str, np.ndarray]:
-    """The arrays `tinylm.objectives.sft` reads, from packed rows: inputs and targets shifted by one, a target
+    """The arrays `tinylm.train.objectives.sft` reads, from packed rows: inputs and targets shifted by one, a target
     weighed only where it is a loss token of the same conversation as its input, positions, and the
     block-diagonal causal attention mask (padding attends to itself alone, so no softmax row is empty)."""
     seg_in = packed["segment"][:, :-1]

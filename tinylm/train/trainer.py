@@ -8,20 +8,24 @@ from pathlib import Path
 
 import numpy as np
 
-from tinylm import checkpoint, model, objectives
+from tinylm import model
+
+from tinylm.train import checkpoint
+
+from tinylm.train import objectives
 from tinylm.backends import resolve_dtype
 from tinylm.config import to_dict
 from tinylm.data.mixture import resolve_phases
 from tinylm.data.prepare import open_prepared
 from tinylm.data.sampler import MixtureSampler, validation_rows
 from tinylm.errors import UserError
-from tinylm.metrics_log import MetricsLog
+from tinylm.train.metrics_log import MetricsLog
 from tinylm.mfu import cached_peak, format_mfu, mfu
-from tinylm.optim import check_state
+from tinylm.train.optim import check_state
 from tinylm.progress import RunReporter
 from tinylm.recipe import Recipe, check_model_fits
-from tinylm.schedule import lr_at
-from tinylm.train_module import TrainModule
+from tinylm.train.schedule import lr_at
+from tinylm.train.step import TrainModule
 
 
 def format_eval(results: dict) -> str:
@@ -73,7 +77,7 @@ class PretrainData:
 
 class Trainer:
     """The loop over steps of one stage. `data` supplies its rows (the recipe's pretraining data unless given),
-    `init` the checkpoint it starts from, `objective` what it minimizes (see `tinylm.objectives`)."""
+    `init` the checkpoint it starts from, `objective` what it minimizes (see `tinylm.train.objectives`)."""
 
     def __init__(self, recipe: Recipe, backend, out: str | Path | None = None, resume: bool = False,
                  allow_data_change: bool = False, reporter: RunReporter | None = None, data=None,

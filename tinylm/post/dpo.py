@@ -27,7 +27,7 @@ class DPOConfig:
     """The `[dpo]` section of a preference stage."""
 
     path: str = ""
-    """JSON Lines of preference pairs (see `tinylm.dpo`)."""
+    """JSON Lines of preference pairs (see `tinylm.post.dpo`)."""
     beta: float = 0.1
     """Strength of the implicit KL constraint: the scale of the log-ratio margin inside the sigmoid."""
     pairs_per_step: int = 8
@@ -54,7 +54,7 @@ def _messages(value, where: str, name: str) -> list[dict]:
 
 def read_pairs(path: Path) -> list[tuple[list[dict], str, str, bool]]:
     """(prompt messages, chosen text, rejected text, given as messages) per record."""
-    from tinylm.jsonl import iter_records
+    from tinylm.files import iter_records
 
     if not path.is_file():
         raise UserError(f"preference file not found: {path}")
@@ -87,7 +87,7 @@ class DPOData:
     def __init__(self, cfg: DPOConfig, init, seq_len: int, steps: int, seed: int):
         from tinylm.data.tokenizer import END, load_tokenizer
         from tinylm.generate import encode_prompt, special_ids
-        from tinylm.sft import prompt_ids
+        from tinylm.post.sft import prompt_ids
 
         if not cfg.path:
             raise UserError("dpo.path is not set: name the preference pairs file")

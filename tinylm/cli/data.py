@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from tinylm import recipe as recipes
-from tinylm.cli_base import make_app
+from tinylm.cli.base import make_app
 
 app = make_app(help="Prepare token shards and compute mixture weights.")
 tokenizer_app = make_app(help="Train or inspect the tokenizer.")

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from tinylm.cli_base import make_app, run as run_app
+from tinylm.cli.base import make_app, run as run_app
 from tinylm.errors import UserError
 
 BACKEND_HELP = "auto, mlx or torch."
@@ -152,7 +152,7 @@ def export(
     force: bool = typer.Option(False, "--force", help="Write into DIR even if it is not empty."),
 ):
     """Write a checkpoint as a Hugging Face model directory: `tinylm export CKPT --to hf DIR`."""
-    from tinylm.hf import export_hf
+    from tinylm.interop.hf import export_hf
 
     if to != "hf":
         raise UserError(f"unknown export format {to!r} (supported: hf)")
@@ -166,7 +166,7 @@ def import_(
                                "are kept)."),
 ):
     """Read a local Hugging Face Llama/Qwen3 model into a tinylm checkpoint (to continue training or fine-tune)."""
-    from tinylm.hf import import_hf
+    from tinylm.interop.hf import import_hf
 
     print(import_hf(hf_dir, out, force=force))
 

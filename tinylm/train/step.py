@@ -1,17 +1,21 @@
 """The training step, written once: gradients of an objective, accumulation, all-reduce, clipping, update.
 
 The backend contributes autodiff (`grad_step`), compilation (`pure_step`) and the arrays; nothing here
-depends on which backend runs it. The objective is a pure function from `tinylm.objectives`.
+depends on which backend runs it. The objective is a pure function from `tinylm.train.objectives`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from tinylm import model, objectives, optim
-from tinylm.distributed import DataParallel
+from tinylm import model
+
+from tinylm.train import objectives
+
+from tinylm.train import optim
+from tinylm.train.distributed import DataParallel
 from tinylm.model import ModelShape
-from tinylm.optim import OptimConfig
+from tinylm.train.optim import OptimConfig
 
 
 class TrainModule:
@@ -21,7 +25,7 @@ class TrainModule:
         """`compute` is a `model.Compute`, or a dtype name for that dtype's plain computation. `annotate(batch)
         -> dict`, if given, adds arrays to each backend batch before the gradient (a teacher's log-probabilities
         for distillation); it runs outside autodiff. `bucket_mb`, `shard_optimizer` and `shard_params`: see
-        `tinylm.distributed`; with sharded parameters, the `params` every method takes are this rank's own
+        `tinylm.train.distributed`; with sharded parameters, the `params` every method takes are this rank's own
         (`DataParallel.local`). `compile` (a stage's `train.compile`) overrides the backend's setting; None
         keeps it."""
         if isinstance(compute, str):

@@ -6,7 +6,7 @@ rewards them with the verifier `tinylm eval` scores with (exact match of the ext
 optional format reward. The generator also returns each sampled token's log-probability, which serves as
 the sampling policy's `old_logprobs` without a second forward pass. Advantages are group-relative; the loss
 normalisation (`grpo`, `dr_grpo`, `dapo`) is folded into per-token weights on the host, so
-`tinylm.objectives.grpo` is one pure function.
+`tinylm.train.objectives.grpo` is one pure function.
 
 Exact resume: the rollouts of batch k are drawn with a sampler seeded by (train.seed, k) from the weights at
 the first step of that batch, and checkpoints fall only on rollout-batch boundaries (`train.ckpt_every` and

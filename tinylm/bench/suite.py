@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from tinylm import model
+from tinylm.bench.memory import peak_memory_mb
 from tinylm.mfu import cached_peak
 from tinylm.model import ModelConfig, resolve
-from tinylm.optim import OptimConfig
-from tinylm.train_module import TrainModule
+from tinylm.train.optim import OptimConfig
+from tinylm.train.step import TrainModule
 
 
 def train_throughput(backend, config: ModelConfig, seq_len: int, batch_size: int, steps: int,
@@ -46,11 +47,11 @@ def train_throughput(backend, config: ModelConfig, seq_len: int, batch_size: int
 
 def rollout_throughput(backend, preset: str = "tiny", prompts: int = 8, group: int = 8, prompt_len: int = 64,
                        max_tokens: int = 64, vocab_size: int = 2048, repeats: int = 2) -> dict:
-    """RL rollouts as `tinylm.rl` draws them (grouped prefill, sampling, the training rows and the sampled
+    """RL rollouts as `tinylm.post.rl` draws them (grouped prefill, sampling, the training rows and the sampled
     tokens' log-probabilities the objective needs) against `tinylm generate`'s batched decoding of the same
     prompts, in generated tokens/s on the same model."""
     from tinylm.generate import Model, SamplingConfig, generate_ids
-    from tinylm.rl import GroupedPrefill, pack_rollouts
+    from tinylm.post.rl import GroupedPrefill, pack_rollouts
 
     class Ids:  # decoding needs only token ids here: no text, no stop strings
         def decode(self, ids, skip_special_tokens=False):
@@ -118,29 +119,6 @@ GPU_CASES = (
 )
 
 
-def _peak_memory_mb(backend) -> float:
-    """The backend's peak allocation where it keeps one (CUDA, MLX); else this process's peak resident size."""
-    peak = backend.peak_memory_bytes()
-    if peak is None:
-        peak = _resident_peak_bytes()
-    return round(peak / 2**20, 1)
-
-
-def _resident_peak_bytes() -> int:
-    """This process's peak resident size. Linux's VmHWM counts from this program's start; `getrusage`'s maxrss
-    keeps the peak of the process that started it across exec, so a child would show its parent's peak."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux, bytes on macOS
-
-
 def _row(name, backend_name, device, tps, flops_per_token, peak, source, memory_mb, losses,
          dtype: str = "float32") -> dict:
     return {"name": name, "backend": backend_name, "device": device, "dtype": dtype,
@@ -162,7 +140,7 @@ def _measure(backend, case: tuple, dtype: str, peak: tuple[float, str], compiled
         runner = get_backend(backend.name, "float32", compile=True)
     shape, tps, losses = train_throughput(runner, config, seq_len, batch, steps, dtype, 3 if compiled else 1)
     row = _row(name, backend.name, backend.device_name, tps, model.flops_per_token(shape, seq_len), *peak,
-               _peak_memory_mb(runner), losses, dtype)
+               peak_memory_mb(runner), losses, dtype)
     row.update(seq_len=seq_len, batch_size=batch, compiled=bool(runner.use_compile))
     return row
 
@@ -229,13 +207,13 @@ def run(backends=("torch", "mlx"), out: str | Path = "bench.json", echo=print) -
             rows = case_rows(backend, row_name, peaks, echo)
             report["train"].extend(rows)
             if row_name == "nanogpt-shape" and name == "torch":
-                from tinylm.bench_baseline import baseline_throughput
+                from tinylm.bench.baseline import baseline_throughput
 
                 base_tps, base_losses = baseline_throughput(steps=steps, **NANOGPT)
                 peak, source = peaks["float32"]
                 base = _row("nanogpt-shape-baseline", "torch (plain eager GPT)", backend.device_name, base_tps,
                             model.flops_per_token(resolve(config), seq_len), peak, source,
-                            _peak_memory_mb(backend), base_losses)
+                            peak_memory_mb(backend), base_losses)
                 base.update(seq_len=seq_len, batch_size=batch)
                 report["train"].append(base)
                 versus = ", ".join(f"{_variant(r)} {r['tokens_per_s'] / base_tps:.2f}x" for r in rows)
@@ -243,12 +221,12 @@ def run(backends=("torch", "mlx"), out: str | Path = "bench.json", echo=print) -
         if on_cuda[name]:
             report["train"].extend(gpu_rows(backend, peaks, echo))
         report.setdefault("rollouts", []).extend(rollouts([name], echo))
-    from tinylm import bench_memory
+    from tinylm.bench import memory as bench_memory
 
     for name in backends:  # each case in a fresh process; on a GPU at the 8 x 2048 tokens of the issue's case
         batch = 8 if on_cuda[name] else bench_memory.BATCH_SIZE
         report["train"].extend(bench_memory.rows((name,), echo, batch_size=batch))
-    from tinylm.data import bench as data_bench
+    from tinylm.bench import data as data_bench
 
     report["data"] = data_bench.run(echo=True)
     path = Path(out)

@@ -10,10 +10,10 @@ from typing import List, Optional
 import typer
 
 from tinylm import model, recipe as recipes
-from tinylm.cli_base import make_app, run as run_app
+from tinylm.cli.base import make_app, run as run_app
 from tinylm.config import to_dict
-from tinylm.data import cli as data_cli
-from tinylm.eval.cli import register as register_eval_commands
+from tinylm.cli import data as data_cli
+from tinylm.cli.eval import register as register_eval_commands
 from tinylm.data.shards import MANIFEST, ShardSet
 from tinylm.errors import UserError
 
@@ -128,7 +128,7 @@ def run(
     results = run_recipe(recipe, engine, out, from_stage, only, reporter)
     engine.close()
     if results:
-        from tinylm.trainer import format_eval
+        from tinylm.train.trainer import format_eval
 
         reporter.say("evaluation: " + format_eval(results))
 
@@ -139,7 +139,7 @@ def bench(
     out: Path = typer.Option(Path("bench.json"), help="Where to write the JSON report."),
 ):
     """Measure training tokens/s and MFU per backend, and data preparation throughput."""
-    from tinylm.bench import run
+    from tinylm.bench.suite import run
 
     run(tuple(backend), out)
 

@@ -6,7 +6,7 @@ stage names. `compute` (a `model.Compute`: dtype, loss chunking, block checkpoin
 
 - `lm`: `tokens` (batch, time + 1), every next token counts equally.
 - `sft`: `inputs`, `targets` (batch, time), `weights` (batch, time) float, and from packing (see
-  `tinylm.sft`) `positions` (batch, time) and `mask` (batch, 1, time, time) bool; without those two the rows
+  `tinylm.post.sft`) `positions` (batch, time) and `mask` (batch, 1, time, time) bool; without those two the rows
   are plain causal sequences. The weights are zero on every token
   that carries no loss and already divided by the step's count of loss tokens, so the loss is their weighted
   sum and a step's gradient is the mean over its loss tokens however they fall into micro-batches and ranks.
@@ -14,7 +14,7 @@ stage names. `compute` (a `model.Compute`: dtype, loss chunking, block checkpoin
   vocabulary (`teacher_logprobs` (batch, time, vocab)) or over its top k tokens (`teacher_ids` and
   `teacher_logprobs` (batch, time, k), renormalized over those k).
 - `grpo`: an `sft`-shaped batch of prompts and sampled completions whose `weights` are the completion tokens'
-  normalisation weights (see `tinylm.rl`), plus per-token `advantages`, `old_logprobs` (the policy that
+  normalisation weights (see `tinylm.post.rl`), plus per-token `advantages`, `old_logprobs` (the policy that
   sampled them) and, with a KL penalty, `ref_logprobs` (the starting model), all (batch, time).
 - `dpo`: `inputs`, `targets`, `weights` (1 on response tokens, else 0) for 2n rows, the n chosen responses
   then their n rejected ones; `ref_logps` (2n,) their summed log-probabilities under the reference model and

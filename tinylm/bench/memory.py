@@ -23,12 +23,34 @@ import time
 import numpy as np
 
 from tinylm import model
-from tinylm.bench import _peak_memory_mb
 from tinylm.model import ModelConfig, resolve
 
 PRESET, BATCH_SIZE, SEQ_LEN = "mobilellm-r1-140m", 4, 2048
 CHUNKS = (0, 512)
 """`loss_chunk` of each row: 0 (whole logits) against chunks of 512 tokens."""
+
+
+def peak_memory_mb(backend) -> float:
+    """The backend's peak allocation where it keeps one (CUDA, MLX); else this process's peak resident size."""
+    peak = backend.peak_memory_bytes()
+    if peak is None:
+        peak = resident_peak_bytes()
+    return round(peak / 2**20, 1)
+
+
+def resident_peak_bytes() -> int:
+    """This process's peak resident size. Linux's VmHWM counts from this program's start; `getrusage`'s maxrss
+    keeps the peak of the process that started it across exec, so a child would show its parent's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux, bytes on macOS
 
 
 def loss_head_memory(backend_name: str, preset: str, batch_size: int, seq_len: int, loss_chunk: int) -> dict:
@@ -62,12 +84,12 @@ def loss_head_memory(backend_name: str, preset: str, batch_size: int, seq_len: i
     backend.sync()
     seconds = time.perf_counter() - t0
     return {"name": f"{preset}-loss-head-memory", "backend": backend.name, "device": backend.device_name,
-            "dtype": "float32", "peak_memory_mb": _peak_memory_mb(backend), "loss_chunk": loss_chunk,
+            "dtype": "float32", "peak_memory_mb": peak_memory_mb(backend), "loss_chunk": loss_chunk,
             "seq_len": seq_len, "batch_size": batch_size, "losses": [round(backend.item(value), 5)],
             "seconds": round(seconds, 2)}
 
 
-_CHILD = ("import json, sys; from tinylm.bench_memory import loss_head_memory as f; "
+_CHILD = ("import json, sys; from tinylm.bench.memory import loss_head_memory as f; "
           "print(json.dumps(f(*json.loads(sys.argv[1]))))")
 
 

@@ -2,7 +2,7 @@
 (`train.shard_optimizer`, ZeRO stage 1) or the parameters as well (`train.shard_params`, ZeRO stage 3), the
 last with and without activation checkpointing.
 
-    python -m tinylm.bench_sharding --preset mobilellm-125m --ranks 2
+    python -m tinylm.bench.sharding --preset mobilellm-125m --ranks 2
 
 launches each case under `torchrun` on this machine (gloo on a CPU, NCCL on GPUs) and prints a row per case.
 A row gives, for the largest rank, the bytes of the weights and optimizer state it keeps from one step to the
@@ -56,8 +56,8 @@ def rank_case(mode: str, preset: str, batch_size: int, seq_len: int, steps: int)
     from tinylm import model
     from tinylm.backends import get_backend
     from tinylm.model import ModelConfig, resolve
-    from tinylm.optim import OptimConfig
-    from tinylm.train_module import TrainModule
+    from tinylm.train.optim import OptimConfig
+    from tinylm.train.step import TrainModule
 
     backend = get_backend("torch", "float32")
     flags = MODES[mode]
@@ -109,7 +109,7 @@ def run(preset: str = typer.Option("mobilellm-125m"), ranks: int = typer.Option(
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     rows = []
     for mode in MODES:
-        done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", str(ranks), "-m", "tinylm.bench_sharding",
+        done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", str(ranks), "-m", "tinylm.bench.sharding",
                                "case", mode, preset, str(batch_size), str(seq_len), str(steps)],
                               capture_output=True, text=True, env=env)
         if done.returncode:

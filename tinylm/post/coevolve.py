@@ -107,7 +107,7 @@ class CoevolveData:
     def _write_report(self, k: int, found: dict) -> None:
         import json
 
-        from tinylm.data.shards import atomic_write_json
+        from tinylm.files import atomic_write_json
 
         rounds = json.loads(self.report_path.read_text())["rounds"] if self.report_path.exists() else []
         rounds = [r for r in rounds if r["round"] < k + 1]

@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from tinylm.data.shards import atomic_write_bytes
+from tinylm.files import atomic_write_bytes
 from tinylm.errors import UserError
 
 

@@ -37,9 +37,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from tinylm import optim
+from tinylm.train import optim
 from tinylm.errors import UserError
-from tinylm.optim import OptimConfig
+from tinylm.train.optim import OptimConfig
 
 
 def bucket_plan(tensors: dict[str, tuple[int, str]], cap_bytes: int, order: list[str] | None = None) -> list[list[str]]:

@@ -1,0 +1,1 @@
+"""Models and tokenizers to and from other programs' formats (Hugging Face folders)."""

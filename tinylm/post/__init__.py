@@ -1,0 +1,1 @@
+"""Post-training feeds: SFT conversations, GRPO rollouts, DPO pairs and co-evolution's data re-scoring."""

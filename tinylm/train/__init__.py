@@ -1,0 +1,1 @@
+"""Training: the loop (`trainer`), the step (`step`), objectives, optimizers, schedules, checkpoints, distributed."""

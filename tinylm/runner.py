@@ -21,6 +21,7 @@ from tinylm.train import checkpoint
 from tinylm.config import to_dict
 from tinylm.files import atomic_write_json
 from tinylm.errors import UserError
+from tinylm.lock import LOCK_FILE, FolderLock
 from tinylm.recipe import Recipe, Stage, pick_stage, resolve_stages
 
 RUN_FILE = "run.json"
@@ -51,7 +52,7 @@ def claim_directory(recipe: Recipe, out: Path) -> None:
     if found is not None and found.get("recipe") != recipe.name:
         raise UserError(f"{out} holds a run of recipe {found.get('recipe')!r}, not {recipe.name!r}: "
                         f"choose another --out")
-    if found is None and out.is_dir() and any(out.iterdir()):
+    if found is None and out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise UserError(f"{out} is not empty and was not written by `tinylm run`: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     if found is None:
@@ -115,12 +116,20 @@ def run_stages(recipe: Recipe, root: Path) -> list[Stage]:
 def run(recipe: Recipe, backend, out: str | Path | None = None, from_stage: str | None = None,
         only: str | None = None, reporter=None) -> dict:
     """Run the recipe's stages that need it; returns {stage: status} for the report."""
+    root = Path(out or recipe.train.out)
+    stages = run_stages(recipe, root)
+    plan(stages, from_stage, only)  # names checked before anything is written
+    # One writer at a time: a second run would set aside the first one's live stage folder.
+    with FolderLock(root, "run folder"):
+        return _run_locked(recipe, backend, root, stages, from_stage, only, reporter)
+
+
+def _run_locked(recipe: Recipe, backend, root: Path, stages: list[Stage], from_stage: str | None,
+                only: str | None, reporter) -> dict:
     from tinylm.report import write_report
     from tinylm.stages import build_trainer
 
-    root = Path(out or recipe.train.out)
-    stages = run_stages(recipe, root)
-    steps = plan(stages, from_stage, only)  # names checked before anything is written
+    steps = plan(stages, from_stage, only)  # again, now that no other writer can change the folder
     claim_directory(recipe, root)
     say = reporter.say if reporter is not None else (lambda text: None)
     for stage, fp, action in steps:

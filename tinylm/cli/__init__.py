@@ -88,6 +88,7 @@ def train(
                                         "every stage in order; each writes its own folder under the run directory)."),
 ):
     """Train a model from a recipe: pretraining, mid-training, SFT or distillation stages."""
+    from tinylm.lock import FolderLock
     from tinylm.progress import RunReporter
     from tinylm.stages import build_trainer
 
@@ -97,12 +98,14 @@ def train(
         stages = [recipes.pick_stage(stages, stage)]
     reporter = RunReporter(enabled=not quiet)
     engine = _engine(backend, recipe, reporter)
-    for one in stages:
-        if recipe.stages:
-            reporter.say(f"stage {one.name} ({one.objective}) -> {one.out}")
-        trainer = build_trainer(one, engine, resume=resume, allow_data_change=allow_data_change, reporter=reporter)
-        summary = trainer.fit()
-        reporter.say(f"done: {trainer.out} " + json.dumps({k: v for k, v in summary.items() if k != "phase"}))
+    with FolderLock(out or recipe.train.out, "run folder"):
+        for one in stages:
+            if recipe.stages:
+                reporter.say(f"stage {one.name} ({one.objective}) -> {one.out}")
+            trainer = build_trainer(one, engine, resume=resume, allow_data_change=allow_data_change,
+                                    reporter=reporter)
+            summary = trainer.fit()
+            reporter.say(f"done: {trainer.out} " + json.dumps({k: v for k, v in summary.items() if k != "phase"}))
     engine.close()
 
 

@@ -2,7 +2,8 @@
 
 Bad input is a `UserError`, an `OSError` on a path (unwritable, not a folder, missing) or a usage error of the
 command line. Each ends as one line on stderr and exit code 2, whichever copy of click raised the usage error:
-typer bundles its own (`typer._click`), whose exceptions are not `click`'s.
+typer bundles its own (`typer._click`), whose exceptions are not `click`'s. SIGINT and SIGTERM end a command
+with one line too, and exit code 128 + the signal number (see `tinylm.interrupt`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from tinylm.errors import UserError
+from tinylm.interrupt import Interrupted, terminate_raises
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+"""128 + SIGINT's number, as a shell reports Ctrl-C."""
 
 
 try:  # typer no longer needs click, but a command may still raise click's exceptions when it is installed
@@ -85,13 +88,17 @@ def _shows_help(e: BaseException) -> bool:
 def run(app: typer.Typer, argv: list[str] | None, prog_name: str = "tinylm") -> int:
     """Run a typer app and return its exit code: 2 with one line for bad input, 130 when interrupted."""
     try:
-        code = app(args=argv, prog_name=prog_name, standalone_mode=False)
+        with terminate_raises():
+            code = app(args=argv, prog_name=prog_name, standalone_mode=False)
     except EXITS as e:
         return e.exit_code
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
     except ABORTS:
-        print("aborted", file=sys.stderr)
+        print("interrupted by SIGINT", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:
         if _shows_help(e):

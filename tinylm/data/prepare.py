@@ -1,8 +1,9 @@
 """`prepare`: every source cleaned, tokenized and written as shards, with a manifest and a fingerprint.
 
 Cleaning scans chunks of documents in worker processes on every core while this process deduplicates in
-order; tokenization runs here with `tokenizers`' batch encoder, which is itself multi-threaded. Re-running on unchanged inputs (same config, same files with the
-same sizes and modification times) does no work.
+order; tokenization runs here with `tokenizers`' batch encoder, which is itself multi-threaded. Re-running on
+unchanged inputs (same config, same files with the same sizes and modification times) does no work. One
+prepare writes a folder at a time (`tinylm.lock`); it first removes what interrupted ones left behind.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from tinylm.data import synthetic
 from tinylm.data.clean import dedup_key, resolve_scans, scan_documents
 from tinylm.data.minhash import banding
 from tinylm.data.config import DataConfig, SourceConfig
-from tinylm.data.shards import MANIFEST, ShardSet, ShardWriter, token_dtype
+from tinylm.data.shards import MANIFEST, ShardSet, ShardWriter, remove_temporaries, token_dtype
 from tinylm.files import atomic_write_bytes, atomic_write_json
 from tinylm.data.sources import cpu_count, documents, signature, validate_source
-from tinylm.data.tokenizer import (PAD, SPECIAL_TOKENS, document_specials, load_tokenizer, save_tokenizer, token_bytes,
-                                   train_tokenizer)
+from tinylm.data.tokenizer import (PAD, SPECIAL_TOKENS, bytes_per_token, document_specials, load_tokenizer,
+                                   save_tokenizer, token_bytes, tokenizer_sample, train_tokenizer)
 from tinylm.errors import UserError
+from tinylm.interrupt import worker_signals
+from tinylm.lock import FolderLock
 
 FORMAT_VERSION = 2
 """Bumped whenever prepare's output changes for the same input, so old data directories are rebuilt."""
@@ -85,7 +88,9 @@ def is_up_to_date(cfg: DataConfig) -> bool:
     root = data_dir(cfg)
     try:
         manifest = json.loads((root / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sources", {}), dict):
         return False
     if manifest.get("input_fingerprint") != input_fingerprint(cfg, resolve_sources(cfg)):
         return False
@@ -137,7 +142,8 @@ def clean_sources(cfg: DataConfig, sources: list[SourceConfig], workers: int | N
         # datasketch is imported and the LSH banding chosen once here, before forking, rather than in every
         # worker (the workers hash each signature's bands, so they need the banding too).
         banding(cfg.clean.near_dedup_threshold, cfg.clean.near_dedup_num_perm)
-    pool = _pool_context().Pool(min(workers, len(jobs))) if workers > 1 and len(jobs) > 1 else None
+    pool = (_pool_context().Pool(min(workers, len(jobs)), initializer=worker_signals)
+            if workers > 1 and len(jobs) > 1 else None)
     try:
         scans = pool.imap(_scan_chunk, jobs) if pool else map(_scan_chunk, jobs)
 
@@ -182,26 +188,6 @@ def scans_of_next(owners: list[str], name: str, scans, progress, task):
         yield from next(scans)
         if progress:
             progress.advance(task)
-
-
-def tokenizer_sample(cleaned: dict[str, tuple[list[str], dict]], budget_chars: int, seed: int) -> list[str]:
-    """Documents from every source: half the budget split by size, half evenly, so small sources count too."""
-    sizes = {name: sum(map(len, docs)) for name, (docs, _) in cleaned.items()}
-    total = sum(sizes.values()) or 1
-    rng = random.Random(f"tinylm/tokenizer-sample/{seed}")
-    sample = []
-    for name, (docs, _) in cleaned.items():
-        quota = budget_chars * (0.5 * sizes[name] / total + 0.5 / len(cleaned))
-        order = list(range(len(docs)))
-        rng.shuffle(order)
-        taken = 0
-        for i in order:
-            if taken >= quota:
-                break
-            sample.append(docs[i])
-            taken += len(docs[i])
-    rng.shuffle(sample)
-    return sample
 
 
 def known_tokenizer(cfg: DataConfig, root: Path, fingerprint: str):
@@ -323,7 +309,15 @@ def prepare(cfg: DataConfig, *, force: bool = False, progress: bool = True, work
     fingerprint = input_fingerprint(cfg, sources)
     if not force and is_up_to_date(cfg):
         return root
-    root.mkdir(parents=True, exist_ok=True)
+    with FolderLock(root, "prepared data folder"):
+        if force or not is_up_to_date(cfg):  # another prepare may have finished it just before the lock
+            remove_temporaries(root)
+            _prepare(cfg, sources, root, fingerprint, progress, workers)
+    return root
+
+
+def _prepare(cfg: DataConfig, sources: list[SourceConfig], root: Path, fingerprint: str, progress: bool,
+             workers: int | None) -> None:
     # A stale manifest beside half-rewritten shards would look valid; remove it before touching anything.
     (root / MANIFEST).unlink(missing_ok=True)
     started = time.perf_counter()
@@ -364,20 +358,17 @@ def prepare(cfg: DataConfig, *, force: bool = False, progress: bool = True, work
         "seconds": round(time.perf_counter() - started, 3),
     }
     atomic_write_json(root / MANIFEST, manifest)
-    return root
 
 
 def open_prepared(cfg: DataConfig, **kwargs) -> ShardSet:
-    """`prepare` if needed, then open the result."""
-    return ShardSet(prepare(cfg, **kwargs))
-
-
-def bytes_per_token(tok, docs: list[str]) -> float:
-    """UTF-8 bytes per token of `docs` under `tok` (higher is a better fit)."""
-    if not docs:
-        return 0.0
-    tokens = sum(len(e.ids) for e in tok.encode_batch_fast(docs, add_special_tokens=False))
-    return sum(len(d.encode("utf-8")) for d in docs) / max(1, tokens)
+    """`prepare` if needed, then open the result, its tokenizer checked (checkpoints copy it, so a damaged one
+    would otherwise surface only when a trained model is used)."""
+    shards = ShardSet(prepare(cfg, **kwargs))
+    try:
+        load_tokenizer(shards.tokenizer_path)
+    except UserError as e:
+        raise UserError(f"{e}; re-run `tinylm data prepare --force`") from None
+    return shards
 
 
 def train_recipe_tokenizer(cfg: DataConfig, *, out: str | Path | None = None, workers: int | None = None,

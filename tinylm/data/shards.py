@@ -17,16 +17,18 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tinylm.errors import UserError
-from tinylm.files import fsync_dir
+from tinylm.files import fsync_dir, process_alive
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
+_TEMPORARY = re.compile(r"^\..+\.tmp(\d*)(\.npy)?$")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -83,6 +85,20 @@ class ShardWriter:
         return len(self._offsets) - 1, self._offsets[-1]
 
 
+def remove_temporaries(root: Path) -> list[Path]:
+    """Delete the temporary files (`.train.bin.tmp<pid>` and the like) that interrupted or failed prepares
+    left in `root` and its source folders; those of a process still running are kept. Returns what went."""
+    gone = []
+    for folder in [root] + [p for p in root.iterdir() if p.is_dir()]:
+        for path in folder.iterdir():
+            found = _TEMPORARY.match(path.name)
+            pid = int(found.group(1)) if found and found.group(1) else None
+            if found and path.is_file() and (pid is None or (pid != os.getpid() and not process_alive(pid))):
+                path.unlink(missing_ok=True)
+                gone.append(path)
+    return gone
+
+
 @dataclass
 class Split:
     """One source's split, memory-mapped: `tokens[offsets[i]:offsets[i+1]]` is document i."""
@@ -110,15 +126,23 @@ class ShardSet:
         path = self.root / MANIFEST
         if not path.is_file():
             raise UserError(f"no prepared data at {self.root} (missing {MANIFEST}); run `tinylm data prepare`")
+        again = "re-run `tinylm data prepare --force`"
         try:
-            self.manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not valid JSON: {e}") from None
-        self.vocab_size = int(self.manifest["vocab_size"])
-        self.dtype = np.dtype(self.manifest["dtype"])
-        self.bos_id = int(self.manifest["bos_id"])
-        self.eos_id = int(self.manifest.get("eos_id", self.bos_id))
-        self.fingerprint = str(self.manifest["fingerprint"])
+            self.manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is not valid JSON ({e}); {again}") from None
+        if not isinstance(self.manifest, dict) or not isinstance(self.manifest.get("sources"), dict):
+            raise UserError(f"{path} is damaged: not a manifest (an object with a `sources` table); {again}")
+        try:
+            self.vocab_size = int(self.manifest["vocab_size"])
+            self.dtype = np.dtype(self.manifest["dtype"])
+            self.bos_id = int(self.manifest["bos_id"])
+            self.eos_id = int(self.manifest.get("eos_id", self.bos_id))
+            self.fingerprint = str(self.manifest["fingerprint"])
+        except KeyError as e:
+            raise UserError(f"{path} is damaged: it has no `{e.args[0]}`; {again}") from None
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{path} is damaged ({e}); {again}") from None
         self.sources = list(self.manifest["sources"])
         self._splits: dict[tuple[str, str], Split] = {}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 from typing import Iterable
 
@@ -143,3 +144,31 @@ def token_bytes(tok) -> np.ndarray:
             # Not a byte-level token (a tokenizer.json from elsewhere): measure what it decodes to.
             out[tid] = len(tok.decode([tid], skip_special_tokens=False).encode("utf-8"))
     return out
+
+
+def tokenizer_sample(cleaned: dict[str, tuple[list[str], dict]], budget_chars: int, seed: int) -> list[str]:
+    """Documents from every source: half the budget split by size, half evenly, so small sources count too."""
+    sizes = {name: sum(map(len, docs)) for name, (docs, _) in cleaned.items()}
+    total = sum(sizes.values()) or 1
+    rng = random.Random(f"tinylm/tokenizer-sample/{seed}")
+    sample = []
+    for name, (docs, _) in cleaned.items():
+        quota = budget_chars * (0.5 * sizes[name] / total + 0.5 / len(cleaned))
+        order = list(range(len(docs)))
+        rng.shuffle(order)
+        taken = 0
+        for i in order:
+            if taken >= quota:
+                break
+            sample.append(docs[i])
+            taken += len(docs[i])
+    rng.shuffle(sample)
+    return sample
+
+
+def bytes_per_token(tok, docs: list[str]) -> float:
+    """UTF-8 bytes per token of `docs` under `tok` (higher is a better fit)."""
+    if not docs:
+        return 0.0
+    tokens = sum(len(e.ids) for e in tok.encode_batch_fast(docs, add_special_tokens=False))
+    return sum(len(d.encode("utf-8")) for d in docs) / max(1, tokens)

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from tinylm.config import from_dict
-from tinylm.files import atomic_write_json, fsync_dir
+from tinylm.files import atomic_write_json, fsync_dir, process_alive, write_failure
 from tinylm.errors import UserError
 from tinylm.model import ModelShape, param_shapes
 
@@ -75,13 +75,22 @@ def save(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _save_tensors(tmp / "model.safetensors", params)
-    if optimizer is not None:
-        _save_tensors(tmp / "optimizer.safetensors", optimizer)
-    if tokenizer is not None and Path(tokenizer).is_file():
-        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-    atomic_write_json(tmp / "state.json", {"format": FORMAT, "step": step, **meta})
-    fsync_dir(tmp)
+    writing = tmp / "model.safetensors"
+    try:
+        _save_tensors(writing, params)
+        if optimizer is not None:
+            writing = tmp / "optimizer.safetensors"
+            _save_tensors(writing, optimizer)
+        if tokenizer is not None and Path(tokenizer).is_file():
+            writing = tmp / "tokenizer.json"
+            shutil.copyfile(tokenizer, writing)
+        writing = tmp / "state.json"
+        atomic_write_json(writing, {"format": FORMAT, "step": step, **meta})
+        fsync_dir(tmp)
+    except (OSError, SafetensorError) as e:  # a full disk, a file-size limit, an I/O error
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"checkpoints already in {root} are kept" if list_steps(run_dir) else "no checkpoint was saved"
+        raise UserError(f"cannot write {final / writing.name} ({write_failure(e)}); {kept}") from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -108,21 +117,11 @@ def _refuse_non_finite(step: int, params: dict, optimizer: dict | None, root: Pa
                         f"stopped without saving, checkpoints already in {root} are kept")
 
 
-def _is_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists but belongs to someone else
-        return True
-    return True
-
-
 def remove_orphans(root: Path) -> None:
     """Delete the temporary directories of saves whose process is gone (killed mid-write)."""
     for tmp in root.glob(".step_*.tmp*"):
         pid = tmp.name.rpartition(".tmp")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _is_running(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 

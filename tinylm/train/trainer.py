@@ -1,4 +1,8 @@
-"""The training loop, backend-agnostic: sample, step, log, validate, checkpoint, resume."""
+"""The training loop, backend-agnostic: sample, step, log, validate, checkpoint, resume.
+
+A SIGTERM or SIGINT during the loop ends it after the step in progress, with a checkpoint of that step saved
+and the metrics written (see `tinylm.interrupt`); `--resume` then goes on exactly as if nothing had happened.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from tinylm.data.mixture import resolve_phases
 from tinylm.data.prepare import open_prepared
 from tinylm.data.sampler import MixtureSampler, validation_rows
 from tinylm.errors import UserError
+from tinylm.interrupt import Interrupted, StopRequests, signal_name
 from tinylm.train.metrics_log import MetricsLog
 from tinylm.mfu import cached_peak, format_mfu, mfu
 from tinylm.train.optim import check_state
@@ -194,7 +199,30 @@ class Trainer:
         checkpoint.save(self.out, self.step, params, state,
                         meta, tokenizer=self.data.tokenizer_path, keep=self.cfg.keep_checkpoints)
 
+    def _agreed_stop(self, signum: int | None) -> int | None:
+        """Rank 0's pending signal, on every rank: the ranks must stop, and save, at the same step."""
+        if self.world == 1:
+            return signum
+        flag = self.backend.from_numpy({"stop": np.array([signum or 0], np.float32)})["stop"]
+        (flag,) = self.backend.broadcast_flat([flag], 0)
+        return int(self.backend.to_numpy({"stop": flag})["stop"][0]) or None
+
+    def _stop(self, signum: int, saved: bool) -> None:
+        if not saved:
+            self.save()
+        self.reporter.stop()
+        if self.metrics is not None:
+            self.metrics.close()
+        where = self.out / "checkpoints" / f"step_{self.step:08d}"
+        raise Interrupted(signum, f"stopped by {signal_name(signum)} at step {self.step} of {self.cfg.steps}: "
+                                  f"checkpoint saved to {where} (continue with --resume)")
+
     def fit(self) -> dict:
+        last_words = f"the checkpoints already in {self.out / 'checkpoints'} are kept"
+        with StopRequests(last_words) as stop:
+            return self._fit(stop)
+
+    def _fit(self, stop: StopRequests) -> dict:
         cfg = self.cfg
         last = {}
         step_time, step_tokens = 0.0, 0
@@ -236,9 +264,13 @@ class Trainer:
                 results = self.evaluate_tasks()
                 self._log({"step": self.step, "eval": results})
                 self.reporter.say(f"step {self.step}: " + format_eval(results))
-            if self.step % cfg.ckpt_every == 0 or final:
+            saved = self.step % cfg.ckpt_every == 0 or final
+            if saved:
                 self.save()
             self.reporter.advance(self.step, loss)
+            signum = self._agreed_stop(stop.signum)
+            if signum is not None and not final:
+                self._stop(signum, saved)
         self.reporter.stop()
         if self.metrics is not None:
             self.metrics.close()

@@ -156,6 +156,32 @@ def assert_absent(name: str) -> Callable[[World, Path], None]:
     return check
 
 
+def hf_copy(w: World, tmp: Path, weights: bytes | None = None, **config) -> Path:
+    """The world's export with `model.safetensors` replaced by `weights` and `config` merged into its config."""
+    folder = Path(shutil.copytree(w.hf, tmp / "hf-copy"))
+    if weights is not None:
+        (folder / "model.safetensors").write_bytes(weights)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **config}))
+    return folder
+
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"ab" * 32 + b"\nsize 429184\n"
+
+
+def prepared_copy(w: World, tmp: Path, name: str, content: str | bytes) -> Path:
+    """A copy of the world's prepared data with file `name` rewritten (or cut to its first third for b"")."""
+    folder = Path(shutil.copytree(w.data, tmp / "data-copy"))
+    target = folder / name
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 3] if content == b"" else
+                       content if isinstance(content, bytes) else content.encode())
+    return folder
+
+
+def utf16_task(w: World, tmp: Path) -> Path:
+    return write(tmp / "mine.jsonl", (json.dumps({"prompt": "What is 1 + 1?", "answer": "2"}) + "\n").encode("utf-16"))
+
+
 @dataclass
 class Case:
     id: str
@@ -261,6 +287,26 @@ CASES = [
                                               "--out", t / "new"], "no weights to start from", slow=True),
     Case("task_file_without_answer", lambda w, t: ["eval", w.ckpt, "--tasks", write(t / "mine.jsonl", json.dumps(
         {"prompt": "What is 1 + 1?"}) + "\n")], "mine.jsonl:1", slow=True),
+    # Damaged files a user really has: a clone without git-lfs, a broken config, a half-copied data folder.
+    Case("import_git_lfs_pointer", lambda w, t: ["import", hf_copy(w, t, LFS_POINTER), "--out", t / "o"],
+         "model.safetensors is a git-lfs pointer", assert_absent("o")),
+    Case("import_random_bytes", lambda w, t: ["import", hf_copy(w, t, np.random.default_rng(0).bytes(4096)),
+                                              "--out", t / "o"], "model.safetensors is not a safetensors file",
+         assert_absent("o")),
+    Case("import_zero_heads", lambda w, t: ["import", hf_copy(w, t, num_attention_heads=0), "--out", t / "o"],
+         "num_attention_heads must be a positive integer", assert_absent("o")),
+    Case("import_null_rms_norm_eps", lambda w, t: ["import", hf_copy(w, t, rms_norm_eps=None), "--out", t / "o"],
+         "rms_norm_eps must be a positive number", assert_absent("o")),
+    Case("manifest_is_a_list", lambda w, t: ["info", w.recipe, "--set", f"data.dir={prepared_copy(w, t, 'manifest.json', '[]')}"],
+         "manifest.json is damaged"),
+    Case("manifest_without_vocab_size", lambda w, t: ["info", w.recipe, "--set", "data.dir=" + str(prepared_copy(
+        w, t, "manifest.json", '{"sources": {}}'))], "has no `vocab_size`"),
+    Case("truncated_prepared_tokenizer", lambda w, t: _train(w, t, "--out", t / "new", "--set", "data.dir=" + str(
+        prepared_copy(w, t, "tokenizer.json", b""))), "tokenizer.json is not a tokenizer.json",
+         assert_absent("new"), slow=True),
+    Case("utf16_task_file", lambda w, t: ["eval", w.ckpt, "--tasks", utf16_task(w, t)], "mine.jsonl is not UTF-8"),
+    Case("eval_output_is_a_folder", lambda w, t: ["eval", w.ckpt, "--tasks", "arithmetic", "--output", t],
+         "is a folder"),
     Case("data_dir_unwritable", lambda w, t: ["data", "prepare", w.recipe, "--set", f"data.dir={unwritable(t)}"],
          "unwritable"),
 ]

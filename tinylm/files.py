@@ -1,11 +1,14 @@
-"""File helpers every part of tinylm uses: atomic writes (temporary file, fsync, rename), JSON Lines reading,
-whether the process behind a temporary file still runs, and one-line reasons for failed writes."""
+"""File helpers every part of tinylm uses: atomic writes (temporary file, fsync, rename) of files and whole
+folders, JSON Lines reading, whether the process behind a temporary file still runs, and one-line reasons for
+failed writes."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -74,3 +77,49 @@ def write_failure(e: BaseException) -> str:
     text = str(e)
     found = re.search(r'message: "([^"]+)"', text)
     return found.group(1) if found else " ".join(text.split()) or type(e).__name__
+
+
+def _stale_temporaries(out: Path) -> list[Path]:
+    """Temporary folders of `staged_folder(out)` whose process is gone (killed while writing)."""
+    found = []
+    for old in out.parent.glob(f".{out.name}.tmp*") if out.parent.is_dir() else []:
+        pid = old.name.rpartition(".tmp")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            found.append(old)
+    return found
+
+
+@contextmanager
+def staged_folder(out: str | os.PathLike, write_errors: tuple[type, ...] = (OSError,)):
+    """Yields a temporary folder beside `out` to write a whole folder into. Once the block ends it is renamed to
+    `out` (its files moved over those of the same names when `out` already holds some); on any failure it is
+    removed, and one of `write_errors` becomes a UserError naming the file being written and why. A kill
+    leaves `out` as it was, and a hidden temporary folder that the next staging into `out` removes."""
+    out = Path(out)
+    for old in _stale_temporaries(out):
+        shutil.rmtree(old, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for path in tmp.iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        if out.is_dir() and any(out.iterdir()):
+            for path in tmp.iterdir():
+                os.replace(path, out / path.name)
+            tmp.rmdir()
+        else:
+            if out.is_dir():
+                out.rmdir()
+            os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException as e:
+        # The file being written when the disk filled is the one written last.
+        written = sorted(tmp.iterdir(), key=lambda p: p.stat().st_mtime_ns) if tmp.is_dir() else []
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, write_errors):
+            failed = out / written[-1].name if written else out
+            raise UserError(f"cannot write {failed} ({write_failure(e)}); {out} is left as it was") from None
+        raise

@@ -71,6 +71,9 @@ def chat(
     from tinylm.generate import SamplingConfig, chat_prompt
     from tinylm.generate import generate as run
 
+    if sys.stdin is None or sys.stdin.closed:  # started with standard input closed (`<&-`): nothing to read
+        print("chat: standard input is closed, so there is nothing to answer", file=sys.stderr)
+        return
     lm, tok, ckpt_obj = _model(ckpt, backend)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
@@ -121,10 +124,13 @@ def eval_(
     from tinylm.eval import harness
     from tinylm.eval.tasks import load_tasks
 
+    if output is not None:
+        writable_output(output)
     task_list = load_tasks(tasks, limit)
     for t in task_list:
         t.max_tokens = max_tokens or t.max_tokens
     lm, tok, ckpt_obj = _model(ckpt, backend, committee)
+    out = writable_output(output or ckpt_obj.path / "eval_results.json")  # before the work, not after it
     if samples > 1 and temperature == 0:
         temperature = 0.8
     if chat is None:
@@ -133,8 +139,6 @@ def eval_(
     members = [str(ckpt_obj.path)] + ([c for c in committee.split(",") if c.strip()] if committee else [])
     report = {"checkpoint": members[0], "step": ckpt_obj.step, "committee": members if committee else None,
               "limit": limit, "samples_per_problem": samples, "temperature": temperature, "results": results}
-    out = output or ckpt_obj.path / "eval_results.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     table = harness.markdown_table(results)
     out.with_suffix(".md").write_text(table)
@@ -143,6 +147,14 @@ def eval_(
     else:
         print(table, end="")
         print(f"results: {out}", file=sys.stderr)
+
+
+def writable_output(path: Path) -> Path:
+    """`path` as a results file that can be written, its folder made; refused while nothing has run yet."""
+    if path.is_dir():
+        raise UserError(f"--output {path} is a folder; name a file, such as {path / 'eval_results.json'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def export(

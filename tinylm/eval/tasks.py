@@ -164,7 +164,10 @@ def read_text(path: Path) -> list[str]:
         return [str(_need(row, ("text",), f"{path}:{i}")[0]) for i, row in enumerate(_read_jsonl(path), 1)]
     if not path.is_file():
         raise UserError(f"task file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason}); save it as UTF-8") from None
     if not text.strip():
         raise UserError(f"{path} holds no text")
     return [text]

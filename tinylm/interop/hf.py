@@ -15,10 +15,12 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from tinylm.train import checkpoint
 from tinylm.errors import UserError
+from tinylm.files import staged_folder
 from tinylm.generate import BOS, CHAT_TEMPLATE, END, EOS, PAD, adds_bos, special_ids
 from tinylm.model import ModelShape
 
@@ -98,7 +100,16 @@ def check_target(out: Path, force: bool) -> None:
 
 def export_hf(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, force: bool = False) -> Path:
     """Write a directory that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer` load (float32).
-    A non-empty `out_dir` is refused unless `force`, which writes over the files of the same names."""
+    A non-empty `out_dir` is refused unless `force`, which writes over the files of the same names. The files
+    are written into a temporary folder first, so an interrupted or failed export leaves `out_dir` as it was."""
+    out = Path(out_dir)
+    check_target(out, force)
+    with staged_folder(out, write_errors=(OSError, SafetensorError)) as folder:
+        _write_hf(ckpt_path, folder)
+    return out
+
+
+def _write_hf(ckpt_path: str | os.PathLike, out: Path) -> None:
     from tokenizers import processors
 
     from tinylm.generate import load_checkpoint_tokenizer
@@ -109,9 +120,6 @@ def export_hf(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, force: b
     ids = special_ids(tok, meta)
     names = {k: (tok.id_to_token(v) if v is not None else None) for k, v in ids.items()}
     eos_ids = [i for i in (ids["eos"], ids["end"]) if i is not None]
-    out = Path(out_dir)
-    check_target(out, force)
-    out.mkdir(parents=True, exist_ok=True)
 
     save_file(_hf_tensors(ckpt.shape, ckpt.params), str(out / "model.safetensors"), metadata={"format": "pt"})
     _write_json(out / "config.json", _config(ckpt.shape, ids, eos_ids))
@@ -134,7 +142,6 @@ def export_hf(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, force: b
             tok_cfg[f"{key}_token"] = names[key]
     _write_json(out / "tokenizer_config.json", tok_cfg)
     _write_json(out / "special_tokens_map.json", {f"{k}_token": names[k] for k in ("bos", "eos", "pad") if names[k]})
-    return out
 
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
@@ -144,8 +151,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors as float32, bfloat16 included (which numpy has no type for)."""
     try:
         with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
+            header = _safetensors_header(f, path)
             data = f.read()
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is truncated or not a safetensors file: {e}") from None
@@ -153,16 +159,41 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in _DTYPES:
-            raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
+        try:
+            dtype, (start, end), shape = info["dtype"], info["data_offsets"], tuple(info["shape"])
+        except (TypeError, KeyError, ValueError):
+            raise UserError(f"{path} is damaged: tensor {name} has no dtype, data_offsets and shape") from None
+        if dtype not in _DTYPES:
+            raise UserError(f"{path}: tensor {name} has unsupported dtype {dtype}")
         if end > len(data):
             raise UserError(f"{path} is truncated (tensor {name} runs past the end of the file)")
-        raw = np.frombuffer(data[start:end], dtype=_DTYPES[info["dtype"]])
-        if info["dtype"] == "BF16":
+        raw = np.frombuffer(data[start:end], dtype=_DTYPES[dtype])
+        if dtype == "BF16":
             raw = (raw.astype(np.uint32) << 16).view(np.float32)
-        out[name] = raw.astype(np.float32).reshape(info["shape"])
+        try:
+            out[name] = raw.astype(np.float32).reshape(shape)
+        except (ValueError, TypeError):
+            raise UserError(f"{path} is damaged: tensor {name} holds {raw.size} values, not shape {shape}") from None
     return out
+
+
+LFS_POINTER = b"version https://git-lfs"
+
+
+def _safetensors_header(f, path: Path) -> dict:
+    """The JSON header, its size checked against the file's before anything that size is read: a git-lfs
+    pointer's first 8 bytes (`version `) would otherwise ask for exabytes."""
+    start = f.read(len(LFS_POINTER))
+    if start == LFS_POINTER:
+        raise UserError(f"{path} is a git-lfs pointer, not the weights (fetch them with `git lfs pull`)")
+    f.seek(0)
+    (size,) = struct.unpack("<Q", f.read(8))
+    if size > os.fstat(f.fileno()).st_size - 8:
+        raise UserError(f"{path} is not a safetensors file (its header size {size} is larger than the file)")
+    header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    return header
 
 
 def _read_weights(hf_dir: Path) -> dict[str, np.ndarray]:
@@ -186,6 +217,24 @@ def _token_name(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+_SIZES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+_OPTIONAL_POSITIVE = ("rms_norm_eps", "rope_theta", "initializer_range")
+
+
+def _check_numbers(cfg: dict, where: Path) -> None:
+    """The sizes positive integers and the epsilons positive numbers where present, so that a damaged config
+    is refused here rather than dividing by zero, or writing a checkpoint that does not load."""
+    for key in _SIZES + tuple(k for k in _OPTIONAL_SIZES if cfg.get(k) is not None):
+        value = cfg.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"{where}: {key} must be a positive integer, not {value!r}")
+    for key in (k for k in _OPTIONAL_POSITIVE if k in cfg):
+        value = cfg[key]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+            raise UserError(f"{where}: {key} must be a positive number, not {value!r}")
+
+
 def _shape_from_config(cfg: dict, where: Path) -> tuple[str, ModelShape]:
     arch = (cfg.get("architectures") or [None])[0]
     if arch not in ARCHITECTURES:
@@ -198,6 +247,7 @@ def _shape_from_config(cfg: dict, where: Path) -> tuple[str, ModelShape]:
         rope.get("rope_type", rope.get("type", "default")) != "default" and f"rope type {rope.get('rope_type')}",
         cfg.get("use_sliding_window") and "sliding-window attention",
     ]
+    _check_numbers(cfg, where / "config.json")
     heads, dim = cfg["num_attention_heads"], cfg["hidden_size"]
     if cfg.get("head_dim", dim // heads) != dim // heads:
         problems.append(f"head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")

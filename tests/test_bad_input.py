@@ -324,3 +324,10 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(world, tmp_path, case):
     assert case.needle in err, err
     assert tree_digest(*world.saved()) == before, "a failed command changed what was saved before"
     case.check(world, tmp_path)
+
+
+def test_chat_with_standard_input_closed_ends_cleanly(world, tmp_path):
+    result = subprocess.run(cli_command(["chat", world.ckpt]), cwd=tmp_path, env=cli_env(), capture_output=True,
+                            text=True, timeout=300, stdin=subprocess.DEVNULL, preexec_fn=lambda: os.close(0))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "standard input is closed" in result.stderr

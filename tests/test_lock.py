@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from test_bad_input import cli_env
 from tinylm.data.shards import remove_temporaries
 from tinylm.errors import UserError
 from tinylm.files import staged_folder, write_failure
@@ -23,15 +24,19 @@ def _dead_pid() -> int:
     return int(proc.stdout)
 
 
-def test_a_second_writer_is_refused_with_the_folder_and_the_holders_pid(tmp_path):
+def test_a_lock_names_its_holder_is_reentrant_and_removes_what_it_made(tmp_path):
     with FolderLock(tmp_path / "run", "run folder"):
         holder = json.loads((tmp_path / "run" / LOCK_FILE).read_text())
         assert holder == {"pid": os.getpid(), "host": socket.gethostname()}
-        with pytest.raises(UserError) as e:
-            FolderLock(tmp_path / "run", "run folder").acquire()  # flock: another open file, another writer
-    message = str(e.value)
-    assert f"run folder {tmp_path / 'run'} is in use" in message and f"pid {os.getpid()}" in message
-    # Released: the next writer gets it, and the folder this lock made (left empty) is gone again.
+        with FolderLock(tmp_path / "run" / ".." / "run"):  # the same folder again, in the same process
+            pass
+        assert (tmp_path / "run" / LOCK_FILE).exists(), "the inner lock let go of the outer one's"
+        code = "import sys; from tinylm.lock import FolderLock; FolderLock(sys.argv[1], 'run folder').acquire()"
+        other = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
+                               env=cli_env())
+        assert other.returncode != 0
+        assert f"run folder {tmp_path / 'run'} is in use by another tinylm process (pid {os.getpid()}" in other.stderr
+    # Released: the folder this lock made (left empty) is gone again, and the next writer gets it.
     assert not (tmp_path / "run").exists()
     FolderLock(tmp_path / "run").acquire().release()
 
@@ -39,7 +44,8 @@ def test_a_second_writer_is_refused_with_the_folder_and_the_holders_pid(tmp_path
 def test_a_lock_another_process_holds_is_refused_until_it_ends(tmp_path):
     code = ("import sys, time; from tinylm.lock import FolderLock; FolderLock(sys.argv[1]).acquire(); "
             "print('held', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env=cli_env())
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UserError, match=f"pid {holder.pid} on {socket.gethostname()}"):

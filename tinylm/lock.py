@@ -6,6 +6,9 @@ writer takes it. The file's text, `{"pid": ..., "host": ...}`, is only there to 
 Where the filesystem refuses flock (some network mounts), the text decides instead: a holder on this host
 whose process is gone is stale; a holder on another host is taken at its word.
 
+A process may take the lock of a folder it already holds (a run folder that is also its one stage's folder):
+the inner lock then only counts, and the outer one lets go.
+
 Readers (eval, generate, export) take no lock: every file they read is written whole and renamed into place.
 """
 
@@ -24,6 +27,8 @@ from tinylm.files import fsync_dir, process_alive
 
 LOCK_FILE = ".lock"
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS)
+_HELD: dict[str, "FolderLock"] = {}
+"""The locks this process holds, by the folder's real path."""
 
 
 def _holder_of(path: Path) -> dict:
@@ -50,6 +55,7 @@ class FolderLock:
         self.what = what
         self._fd: int | None = None
         self._created = False
+        self._outer: FolderLock | None = None
 
     def _busy(self, holder: dict) -> UserError:
         pid, host = holder.get("pid", "unknown"), holder.get("host", "an unknown host")
@@ -91,17 +97,26 @@ class FolderLock:
     def acquire(self) -> "FolderLock":
         self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(self.folder)
+        if key in _HELD:
+            self._outer = _HELD[key]
+            return self
         fd = self._open_locked()
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode() + b"\n")
         os.fsync(fd)
         fsync_dir(self.folder)
         self._fd = fd
+        _HELD[key] = self
         return self
 
     def release(self) -> None:
+        if self._outer is not None:
+            self._outer = None
+            return
         if self._fd is None:
             return
+        _HELD.pop(os.path.realpath(self.folder), None)
         # Unlinked while still locked, so a writer waiting on this file sees the inode change and retries.
         try:
             self.path.unlink()

@@ -86,16 +86,19 @@ def plan(stages: list[Stage], from_stage: str | None, only: str | None) -> list[
 
 
 def _set_aside(folder: Path, root: Path) -> None:
-    """Move what an earlier run of a stage produced out of the way, never deleting it."""
-    if folder.exists() and any(folder.iterdir()):
+    """Move what an earlier run of a stage produced out of the way, never deleting it. The folder itself stays,
+    with the lock this process holds on it."""
+    produced = [p for p in folder.iterdir() if p.name != LOCK_FILE] if folder.is_dir() else []
+    if produced:
         stamp = time.strftime('%Y%m%d-%H%M%S')
         target = root / ".replaced" / f"{folder.name}-{stamp}"
         n = 1
         while target.exists():  # two replacements within one second keep both
             n += 1
             target = root / ".replaced" / f"{folder.name}-{stamp}-{n}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        folder.rename(target)
+        target.mkdir(parents=True)
+        for path in produced:
+            path.rename(target / path.name)
 
 
 def final_evaluation(stage: Stage) -> dict:
@@ -136,16 +139,16 @@ def _run_locked(recipe: Recipe, backend, root: Path, stages: list[Stage], from_s
         if action == "skip":
             say(f"stage {stage.name}: up to date, skipped")
             continue
-        if action == "start":
-            _set_aside(stage.out, root)
-        say(f"stage {stage.name} ({stage.objective}): {'resuming' if action == 'resume' else 'starting'} "
-            f"-> {stage.out}")
-        stage.out.mkdir(parents=True, exist_ok=True)
-        status = {"fingerprint": fp, "done": False, "objective": stage.objective}
-        atomic_write_json(stage.out / STAGE_FILE, status)
-        t0 = time.time()
-        trainer = build_trainer(stage, backend, resume=action == "resume", reporter=reporter)
-        summary = trainer.fit()
+        with FolderLock(stage.out, "stage folder"):  # `tinylm train --out` on a stage folder is a writer too
+            if action == "start":
+                _set_aside(stage.out, root)
+            say(f"stage {stage.name} ({stage.objective}): {'resuming' if action == 'resume' else 'starting'} "
+                f"-> {stage.out}")
+            status = {"fingerprint": fp, "done": False, "objective": stage.objective}
+            atomic_write_json(stage.out / STAGE_FILE, status)
+            t0 = time.time()
+            trainer = build_trainer(stage, backend, resume=action == "resume", reporter=reporter)
+            summary = trainer.fit()
         status.update(done=True, seconds=round(time.time() - t0, 1), steps=trainer.step,
                       tokens=trainer.step * trainer.data.tokens_per_step, summary=summary)
         atomic_write_json(stage.out / STAGE_FILE, status)

@@ -97,16 +97,18 @@ def train(
     if stage is not None:
         stages = [recipes.pick_stage(stages, stage)]
     reporter = RunReporter(enabled=not quiet)
-    engine = _engine(backend, recipe, reporter)
+    # The run folder, and each stage's (the same one without stages), have one writer: this process.
     with FolderLock(out or recipe.train.out, "run folder"):
+        engine = _engine(backend, recipe, reporter)
         for one in stages:
             if recipe.stages:
                 reporter.say(f"stage {one.name} ({one.objective}) -> {one.out}")
-            trainer = build_trainer(one, engine, resume=resume, allow_data_change=allow_data_change,
-                                    reporter=reporter)
-            summary = trainer.fit()
+            with FolderLock(one.out, "stage folder"):
+                trainer = build_trainer(one, engine, resume=resume, allow_data_change=allow_data_change,
+                                        reporter=reporter)
+                summary = trainer.fit()
             reporter.say(f"done: {trainer.out} " + json.dumps({k: v for k, v in summary.items() if k != "phase"}))
-    engine.close()
+        engine.close()
 
 
 @app.command()
@@ -120,16 +122,19 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ):
     """Run a whole recipe: data, every stage in order (skipping finished ones), evaluation and a report."""
+    from tinylm.lock import FolderLock
     from tinylm.progress import RunReporter
     from tinylm.runner import plan, run_stages
     from tinylm.runner import run as run_recipe
 
     recipe = recipes.load(recipe_path, set_)
-    plan(run_stages(recipe, Path(out or recipe.train.out)), from_stage, only)  # stage names, before any work
+    root = Path(out or recipe.train.out)
+    plan(run_stages(recipe, root), from_stage, only)  # stage names, before any work
     reporter = RunReporter(enabled=not quiet)
-    engine = _engine(backend, recipe, reporter)
-    results = run_recipe(recipe, engine, out, from_stage, only, reporter)
-    engine.close()
+    with FolderLock(root, "run folder"):  # taken again by the runner; here, before a backend loads
+        engine = _engine(backend, recipe, reporter)
+        results = run_recipe(recipe, engine, out, from_stage, only, reporter)
+        engine.close()
     if results:
         from tinylm.train.trainer import format_eval
 

@@ -8,6 +8,7 @@ with one line too, and exit code 128 + the signal number (see `tinylm.interrupt`
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
@@ -118,6 +119,8 @@ class _Group(TyperGroup):
         except (UserError, OSError) as e:
             report(e)
             raise typer.Exit(EXIT_BAD_INPUT) from None
+        except KeyboardInterrupt:  # caught here: typer would turn it into a silent exit 130
+            raise Interrupted(signal.SIGINT) from None
 
 
 def make_app(**kwargs) -> typer.Typer:

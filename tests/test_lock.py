@@ -97,7 +97,7 @@ def test_a_failed_staged_folder_leaves_nothing_and_names_the_file(tmp_path):
         with staged_folder(out) as folder:
             (folder / "config.json").write_text("{}")
             (folder / "big.bin").write_bytes(b"partial")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "big.bin"))
     assert not out.exists() and list(tmp_path.iterdir()) == []
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C: nothing under the real name either
         with staged_folder(out) as folder:
@@ -122,6 +122,8 @@ def test_a_staged_folder_replaces_files_of_an_existing_one_and_clears_a_killed_o
 def test_write_failure_reads_the_reason_out_of_a_safetensors_error():
     text = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
     assert write_failure(RuntimeError(text)) == "No space left on device"
+    assert write_failure(RuntimeError("Error while serializing: I/O error: File too large (os error 27)")) == \
+        os.strerror(errno.EFBIG)
     assert write_failure(OSError(errno.EFBIG, "File too large")) == "File too large"
 
 
@@ -142,3 +144,12 @@ def test_a_checkpoint_save_on_a_full_disk_keeps_the_previous_one(tmp_path, monke
     assert "step_00000002/optimizer.safetensors (No space left on device)" in str(e.value)
     assert "checkpoints already in" in str(e.value)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]
+
+
+def test_only_rank_0_of_a_launched_run_locks(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    with FolderLock(tmp_path / "run"):
+        assert not (tmp_path / "run" / LOCK_FILE).exists()
+    monkeypatch.setenv("RANK", "0")
+    with FolderLock(tmp_path / "run"):
+        assert (tmp_path / "run" / LOCK_FILE).exists()

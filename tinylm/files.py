@@ -71,12 +71,12 @@ def process_alive(pid: int) -> bool:
 
 def write_failure(e: BaseException) -> str:
     """Why a write failed, in a few words: `No space left on device`, also from safetensors' Rust errors,
-    which carry the operating system's message inside their text."""
+    which carry the operating system's error number inside their text (`os error 28`, `code: 28`)."""
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     text = str(e)
-    found = re.search(r'message: "([^"]+)"', text)
-    return found.group(1) if found else " ".join(text.split()) or type(e).__name__
+    code = re.search(r"(?:os error |code: )(\d+)", text)
+    return os.strerror(int(code.group(1))) if code else " ".join(text.split()) or type(e).__name__
 
 
 def _stale_temporaries(out: Path) -> list[Path]:
@@ -116,10 +116,9 @@ def staged_folder(out: str | os.PathLike, write_errors: tuple[type, ...] = (OSEr
             os.replace(tmp, out)
         fsync_dir(out.parent)
     except BaseException as e:
-        # The file being written when the disk filled is the one written last.
-        written = sorted(tmp.iterdir(), key=lambda p: p.stat().st_mtime_ns) if tmp.is_dir() else []
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, write_errors):
-            failed = out / written[-1].name if written else out
+            named = Path(e.filename) if isinstance(e, OSError) and e.filename else None
+            failed = out / named.name if named is not None and named.parent == tmp else out
             raise UserError(f"cannot write {failed} ({write_failure(e)}); {out} is left as it was") from None
         raise

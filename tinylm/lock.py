@@ -6,7 +6,8 @@ writer takes it. The file's text, `{"pid": ..., "host": ...}`, is only there to 
 Where the filesystem refuses flock (some network mounts), the text decides instead: a holder on this host
 whose process is gone is stale; a holder on another host is taken at its word.
 
-A process may take the lock of a folder it already holds (a run folder that is also its one stage's folder):
+In a run over several processes (torchrun, mlx.launch) rank 0 alone writes the run folder, so it alone locks;
+the other ranks' locks do nothing. A process may take the lock of a folder it already holds (a run folder that is also its one stage's folder):
 the inner lock then only counts, and the outer one lets go.
 
 Readers (eval, generate, export) take no lock: every file they read is written whole and renamed into place.
@@ -27,8 +28,17 @@ from tinylm.files import fsync_dir, process_alive
 
 LOCK_FILE = ".lock"
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS)
+_RANK_VARIABLES = ("RANK", "MLX_RANK", "OMPI_COMM_WORLD_RANK")
+"""Where the launchers tinylm's backends support put a process's rank (read before a backend is made)."""
 _HELD: dict[str, "FolderLock"] = {}
 """The locks this process holds, by the folder's real path."""
+
+
+def launched_rank() -> int:
+    for name in _RANK_VARIABLES:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 def _holder_of(path: Path) -> dict:
@@ -95,6 +105,8 @@ class FolderLock:
             raise self._busy(holder)
 
     def acquire(self) -> "FolderLock":
+        if launched_rank() != 0:
+            return self
         self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         key = os.path.realpath(self.folder)

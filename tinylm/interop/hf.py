@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from tinylm.train import checkpoint
 from tinylm.errors import UserError
-from tinylm.files import staged_folder
+from tinylm.files import staged_folder, write_failure
 from tinylm.generate import BOS, CHAT_TEMPLATE, END, EOS, PAD, adds_bos, special_ids
 from tinylm.model import ModelShape
 
@@ -76,6 +76,13 @@ def _hf_tensors(shape: ModelShape, params: dict[str, np.ndarray]) -> dict[str, n
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
+def _save_weights(tensors: dict[str, np.ndarray], path: Path) -> None:
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as e:  # as an OSError, so that the failure names the file (a full disk, say)
+        raise OSError(None, write_failure(e), str(path)) from None
+
+
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
@@ -104,7 +111,7 @@ def export_hf(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, force: b
     are written into a temporary folder first, so an interrupted or failed export leaves `out_dir` as it was."""
     out = Path(out_dir)
     check_target(out, force)
-    with staged_folder(out, write_errors=(OSError, SafetensorError)) as folder:
+    with staged_folder(out) as folder:
         _write_hf(ckpt_path, folder)
     return out
 
@@ -121,7 +128,7 @@ def _write_hf(ckpt_path: str | os.PathLike, out: Path) -> None:
     names = {k: (tok.id_to_token(v) if v is not None else None) for k, v in ids.items()}
     eos_ids = [i for i in (ids["eos"], ids["end"]) if i is not None]
 
-    save_file(_hf_tensors(ckpt.shape, ckpt.params), str(out / "model.safetensors"), metadata={"format": "pt"})
+    _save_weights(_hf_tensors(ckpt.shape, ckpt.params), out / "model.safetensors")
     _write_json(out / "config.json", _config(ckpt.shape, ids, eos_ids))
     _write_json(out / "generation_config.json", {"bos_token_id": ids["bos"], "eos_token_id": eos_ids or None,
                                                  "pad_token_id": ids["pad"]})

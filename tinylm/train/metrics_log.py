@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from tinylm.files import atomic_write_bytes
+from tinylm.files import atomic_write_bytes, write_failure
 from tinylm.errors import UserError
 
 
@@ -62,8 +62,11 @@ class MetricsLog:
         self._file = open(path, "a", encoding="utf-8")
 
     def write(self, row: dict) -> None:
-        self._file.write(json.dumps(finite_or_none(row), allow_nan=False) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(finite_or_none(row), allow_nan=False) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: the message names the file, which the OSError does not
+            raise UserError(f"cannot write {self.path} ({write_failure(e)})") from None
 
     def close(self) -> None:
         self._file.close()

@@ -215,7 +215,7 @@ class Trainer:
             self.metrics.close()
         where = self.out / "checkpoints" / f"step_{self.step:08d}"
         raise Interrupted(signum, f"stopped by {signal_name(signum)} at step {self.step} of {self.cfg.steps}: "
-                                  f"checkpoint saved to {where} (continue with --resume)")
+                                  f"checkpoint saved to {where} (continue with --resume, or run `tinylm run` again)")
 
     def fit(self) -> dict:
         last_words = f"the checkpoints already in {self.out / 'checkpoints'} are kept"

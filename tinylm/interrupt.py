@@ -15,6 +15,8 @@ import threading
 from contextlib import contextmanager
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_PR_SET_PDEATHSIG = 1
+"""prctl(2)'s option that signals a process when its parent dies (Linux)."""
 
 
 def signal_name(signum: int) -> str:
@@ -83,9 +85,10 @@ class StopRequests:
         self._previous = {}
 
 
-def worker_signals() -> None:
-    """For a worker process (a pool's initializer): Ctrl-C is its parent's to handle, which then ends the
-    pool; SIGTERM, how the pool ends it, ends it quietly; and it dies with its parent, so none is orphaned."""
+def worker_signals(parent: int) -> None:
+    """For a worker process (a pool's initializer, given the pid of the process making the pool): Ctrl-C is
+    its parent's to handle, which then ends the pool; SIGTERM, how the pool ends it, ends it quietly; and it
+    dies with its parent, so none is orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
@@ -94,8 +97,6 @@ def worker_signals() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
     except (OSError, AttributeError):  # not Linux: the parent's `finally` still terminates the pool
         pass
-    if os.getppid() == 1:  # the parent died before the request above took effect
+    if os.getppid() != parent:  # the parent died before the request above took effect
         os._exit(1)
 
-
-_PR_SET_PDEATHSIG = 1

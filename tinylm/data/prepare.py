@@ -142,7 +142,7 @@ def clean_sources(cfg: DataConfig, sources: list[SourceConfig], workers: int | N
         # datasketch is imported and the LSH banding chosen once here, before forking, rather than in every
         # worker (the workers hash each signature's bands, so they need the banding too).
         banding(cfg.clean.near_dedup_threshold, cfg.clean.near_dedup_num_perm)
-    pool = (_pool_context().Pool(min(workers, len(jobs)), initializer=worker_signals)
+    pool = (_pool_context().Pool(min(workers, len(jobs)), initializer=worker_signals, initargs=(os.getpid(),))
             if workers > 1 and len(jobs) > 1 else None)
     try:
         scans = pool.imap(_scan_chunk, jobs) if pool else map(_scan_chunk, jobs)

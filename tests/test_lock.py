@@ -153,3 +153,26 @@ def test_only_rank_0_of_a_launched_run_locks(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with FolderLock(tmp_path / "run"):
         assert (tmp_path / "run" / LOCK_FILE).exists()
+
+
+def test_a_prepare_is_refused_while_another_process_writes_the_data_folder(tmp_path, prepared):
+    from tinylm.config import from_dict, read_toml
+    from tinylm.data.prepare import prepare
+    from tinylm.recipe import Recipe
+
+    data = tmp_path / "data"
+    code = ("import sys, time; from tinylm.lock import FolderLock; FolderLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(data)], stdout=subprocess.PIPE, text=True,
+                              env=cli_env())
+    recipe = prepared.parent / "data.toml"
+    cfg = from_dict(Recipe, read_toml(recipe), str(recipe)).data
+    cfg.dir = str(data)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=f"prepared data folder {data} is in use .*pid {holder.pid}"):
+            prepare(cfg, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in data.iterdir()) == [LOCK_FILE], "the refused prepare wrote something"

@@ -209,6 +209,10 @@ class MLXBackend:
             return "bfloat16", f"{self.device_name} computes bf16 natively"
         return "float32", "MLX's bf16 matmul on a CPU is slower than fp32"
 
+    def auto_compile(self) -> tuple[bool, str]:
+        """(compile, why) for an unset `train.compile`: the backend settles it, nothing to time."""
+        return True, "mx.compile takes milliseconds and fuses the step's elementwise work"
+
     def seed(self, seed: int) -> None:
         mx.random.seed(seed)
 

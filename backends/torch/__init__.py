@@ -240,6 +240,11 @@ class TorchBackend:
             return "bfloat16", f"{self.device_name} has native bf16"
         return "float32", f"{self.device_name} has no native bf16"
 
+    def auto_compile(self) -> tuple[bool, str] | None:
+        """None: whether torch.compile pays for itself depends on the model, the device and the run's length,
+        which only timing tells (`tinylm.train.autotune`)."""
+        return None
+
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)
 

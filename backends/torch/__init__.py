@@ -85,6 +85,18 @@ class TorchOps:
     def concat(self, xs, axis):
         return torch.cat(xs, dim=axis)
 
+    def kv_buffer(self, x, capacity: int):
+        """A (batch, heads, capacity, head_dim) buffer of x's dtype holding `x` (batch, heads, time, head_dim)
+        at its start: a KV cache's room to grow."""
+        buf = x.new_empty((*x.shape[:2], capacity, x.shape[3]))
+        buf[:, :, :x.shape[2]] = x
+        return buf
+
+    def kv_write(self, buf, x, start: int):
+        """`buf` with `x` written along its time axis from `start`, in place."""
+        buf[:, :, start:start + x.shape[2]] = x
+        return buf
+
     def cast(self, x, dtype: str):
         return x.to(_DTYPES[dtype])
 

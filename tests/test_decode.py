@@ -42,21 +42,22 @@ def test_preallocated_cache_decodes_the_same_tokens_as_concatenation(ckpt, backe
 def test_kv_cache_grows_and_keeps_what_it_holds():
     from tinylm.backends import get_backend
 
-    ops = get_backend("torch").ops
+    backend = get_backend("torch")
     rng = np.random.default_rng(0)
-    k, v = (ops.cast(get_backend("torch").from_numpy({"x": rng.standard_normal((2, 1, 3, 4), np.float32)})["x"],
-                     "float32") for _ in range(2))
-    cache = model.KVCache(ops, [(k, v)])
-    seen_k, seen_v = [k], [v]
-    for _ in range(7):  # capacity 6 at first: grows to 12
-        nk, nv = (get_backend("torch").from_numpy({"x": rng.standard_normal((2, 1, 1, 4), np.float32)})["x"]
-                  for _ in range(2))
-        got_k, got_v = cache.slot(0)(nk, nv)
+
+    def arrays(t):
+        return [backend.from_numpy({"x": rng.standard_normal((2, 1, t, 4), np.float32)})["x"] for _ in range(2)]
+
+    k, v = arrays(3)
+    cache = model.KVCache(backend.ops, [(k, v)])
+    seen = [(k, v)]
+    for _ in range(7):  # room for 6 at first: it grows to 12
+        new = arrays(1)
+        got = cache.slot(0)(*new)
         cache.length += 1
-        seen_k.append(nk)
-        seen_v.append(nv)
-        assert np.array_equal(got_k.numpy(), np.concatenate([x.numpy() for x in seen_k], axis=2))
-        assert np.array_equal(got_v.numpy(), np.concatenate([x.numpy() for x in seen_v], axis=2))
+        seen.append(new)
+        for j in (0, 1):
+            assert np.array_equal(got[j].numpy(), np.concatenate([s[j].numpy() for s in seen], axis=2))
     assert cache.buffers[0][0].shape[2] == 12
 
 

@@ -9,6 +9,7 @@ speeds so that a faster configuration can be checked to compute the same thing. 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -238,6 +239,11 @@ def run(backends=("torch", "mlx"), out: str | Path = "bench.json", echo=print) -
         if on_cuda[name]:
             report["train"].extend(gpu_rows(backend, peaks, echo))
         report.setdefault("rollouts", []).extend(rollouts([name], echo))
+        if name == "torch" and importlib.util.find_spec("transformers"):
+            from tinylm.bench.generation import decode_rows
+
+            report.setdefault("generation", []).extend(decode_rows(backend, dtypes=("float32", "bfloat16"),
+                                                                   echo=echo))
     from tinylm.bench import memory as bench_memory
 
     for name in backends:  # each case in a fresh process; on a GPU at the 8 x 2048 tokens of the case

@@ -3,6 +3,7 @@ the choice never goes to the slower side, the timings are cached per machine, mo
 run records what it chose and why. Timings are injected: nothing here depends on this machine's speed."""
 
 import dataclasses
+import importlib.util
 import json
 
 import pytest
@@ -150,3 +151,15 @@ def test_auto_dtype_on_mlx_is_settled_by_the_device_without_timing(monkeypatch, 
     assert not calls and got["compile"] is True
     if get_backend("mlx").device_name == "cpu":
         assert got["dtype"] == "float32"
+
+
+def test_a_backend_made_to_compile_or_not_is_taken_at_its_word(monkeypatch, tmp_path):
+    monkeypatch.setenv("TINYLM_CACHE_DIR", str(tmp_path))
+    calls = _inject(monkeypatch, {"eager": 1.0, "compiled": 2.0, "compiled first": 1.0})
+    r = Recipe()
+    shape = model.resolve(dataclasses.replace(r.model, preset="micro"), vocab_size=512)
+    cfg = dataclasses.replace(r.train, steps=10 ** 6)
+    got = autotune.settle(get_backend("torch", compile=True), cfg, shape, r.optim, lambda: None)
+    assert got["compile"] is True and not calls
+    if importlib.util.find_spec("mlx") is not None:
+        assert autotune.settle(get_backend("mlx", compile=False), cfg, shape, r.optim, lambda: None)["compile"] is False

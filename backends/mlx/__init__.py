@@ -221,6 +221,8 @@ class MLXBackend:
 
     def auto_compile(self) -> tuple[bool, str]:
         """(compile, why) for an unset `train.compile`: the backend settles it, nothing to time."""
+        if not self.use_compile:
+            return False, "the backend was made not to compile"
         return True, "mx.compile takes milliseconds and fuses the step's elementwise work"
 
     def seed(self, seed: int) -> None:

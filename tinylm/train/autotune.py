@@ -147,6 +147,8 @@ def settle(backend, cfg, shape: model.ModelShape, optim_cfg, weights, say=None) 
         compile, compile_why = cfg.compile, "asked for"
     elif backend.auto_compile() is not None:
         compile, compile_why = backend.auto_compile()
+    elif backend.use_compile:  # PyTorch's default is eager: this backend was made to compile
+        compile, compile_why = True, "the backend was made to compile"
     elif backend.world_size > 1:
         compile, compile_why = backend.use_compile, "several ranks: each would time its own steps"
     elif cfg.shard_params:

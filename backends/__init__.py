@@ -39,45 +39,21 @@ def pick(name: str = "auto") -> tuple[str, str]:
     raise UserError("no backend installed: pip install 'tinylm[torch]' or 'tinylm[mlx]'")
 
 
-# On a CPU, bf16 is chosen only when its measured matmuls beat fp32's by this much: a near tie is noise, and
-# the elementwise work that bf16 adds to a step is not in the measurement.
-BF16_MIN_SPEEDUP = 1.3
-# What a CPU measures when it is not told the model (MobileLLM-125M's MLP, a 2 x 512-token micro-batch), and
-# the most rows it measures, which keeps the measurement to seconds.
-_DEFAULT_MLP, _DEFAULT_ROWS, _MAX_ROWS = (576, 1536), 1024, 2048
-
-
-def _measured_choice(backend, shape, rows: int | None) -> tuple[str, str]:
-    from tinylm.mfu import bf16_matmul_speedup, cached_measurement
-
-    rows = min(rows or _DEFAULT_ROWS, _MAX_ROWS)
-    dim, ffn = (shape.dim, shape.ffn_dim) if shape is not None else _DEFAULT_MLP
-    # The MLP's two matmuls and the output head: most of a step's FLOPs.
-    shapes = [(rows, dim, ffn), (rows, ffn, dim)] + ([(rows, dim, shape.vocab_size)] if shape is not None else [])
-    what = "bf16 speedup " + " ".join("x".join(map(str, s)) for s in shapes)
-    speedup, cached = cached_measurement(backend, what, lambda: bf16_matmul_speedup(backend, shapes, repeats=2))
-    choice = "bfloat16" if speedup >= BF16_MIN_SPEEDUP else "float32"
-    return choice, (f"bf16 matmuls {speedup:.2f}x as fast as fp32 at this model's sizes on {backend.device_name}, "
-                    f"{BF16_MIN_SPEEDUP}x needed; {'cached ' if cached else ''}measurement")
-
-
-def resolve_dtype(backend, dtype: str, shape=None, rows: int | None = None) -> tuple[str, str]:
-    """(compute dtype, why). "auto" is settled once per backend object: by the device where it decides (CUDA,
-    MLX), else by timing bf16 and fp32 matmuls of `shape` (the model's) on `rows` tokens (a micro-batch's), a
-    measurement made once per machine and sizes and cached with the MFU peaks."""
+def resolve_dtype(backend, dtype: str) -> tuple[str | None, str]:
+    """(compute dtype, why) where it is settled without running the model: asked for, or "auto" on a device that
+    settles it (`backend.auto_dtype()`: CUDA, MLX). (None, why) where "auto" is left to timing the model's own
+    training steps in each dtype (a CPU under PyTorch: see `tinylm.train.autotune`)."""
     if dtype != "auto":
         return dtype, "asked for"
-    if getattr(backend, "_auto_dtype", None) is None:
-        backend._auto_dtype = backend.auto_dtype() or _measured_choice(backend, shape, rows)
-    return backend._auto_dtype
+    return backend.auto_dtype() or (None, "timed on a few training steps of each stage's model")
 
 
-def get_backend(name: str = "auto", dtype: str = "float32", compile: bool | None = None, shape=None,
-                rows: int | None = None):
+def get_backend(name: str = "auto", dtype: str = "float32", compile: bool | None = None):
     """An initialized backend object (see backends/torch and backends/mlx for the interface).
 
-    `compile=None` leaves it to the backend: MLX compiles, PyTorch runs eagerly. `dtype="auto"` is resolved
-    here into `backend.dtype` (see `resolve_dtype` for `shape` and `rows`).
+    `compile=None` leaves it to the backend: MLX compiles, PyTorch runs eagerly (a trainer times both where the
+    recipe leaves `train.compile` unset: `tinylm.train.autotune`). `dtype="auto"` is resolved here into
+    `backend.dtype` where the device settles it, else float32 stands in until a trainer times the model.
     """
     resolved, _ = pick(name)
     if not _has(resolved):
@@ -91,5 +67,5 @@ def get_backend(name: str = "auto", dtype: str = "float32", compile: bool | None
         from tinylm.backends.torch import TorchBackend
 
         backend = TorchBackend(dtype=asked, compile=bool(compile))
-    backend.dtype = resolve_dtype(backend, dtype, shape, rows)[0]
+    backend.dtype = resolve_dtype(backend, dtype)[0] or "float32"
     return backend

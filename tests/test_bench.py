@@ -89,3 +89,18 @@ def test_the_data_bench_prepares_every_family_it_writes():
     result = data_bench.run(target_mb=0.05, echo=False)
     assert result["docs"] >= 30 and result["data_mb"] > 0.03  # each of its three families, 10 documents or more
     assert result["prepare_mb_per_s"] > 0 and result["prepare_without_cleaning_mb_per_s"] > 0
+
+
+def test_decode_rows_put_tinylm_and_transformers_on_the_same_weights_and_prompts():
+    pytest.importorskip("transformers")
+    from tinylm.bench.generation import decode_rows
+    from tinylm.model import ModelConfig
+
+    lines = []
+    rows = decode_rows(get_backend("torch"), batches=(3,), new_tokens=6, prompt_len=5, repeats=1,
+                       config=ModelConfig(preset="micro", vocab_size=256, qk_norm=False), echo=lines.append)
+    (row,) = rows
+    assert row["name"] == "generate-micro" and row["batch"] == 3 and row["new_tokens"] == 6
+    assert row["tokens_per_s"] > 0 and row["transformers_tokens_per_s"] > 0
+    assert row["same_greedy_tokens"] == 1.0  # the same model: the same greedy tokens
+    assert "vs transformers" in lines[0]

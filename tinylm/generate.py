@@ -60,12 +60,14 @@ class Completion:
 class Model:
     """One set of weights on a backend, scored and decoded through numpy arrays of token ids."""
 
-    def __init__(self, backend, shape: model.ModelShape, params: dict):
+    def __init__(self, backend, shape: model.ModelShape, params: dict, dtype: str = "float32"):
+        """`dtype`: what the weights compute in (cast once here); log-probabilities are float32 either way."""
         self.backend = backend
         self.shape = shape
         if params and isinstance(next(iter(params.values())), np.ndarray):
             params = backend.from_numpy(params)
-        self.params = params
+        self.dtype = dtype
+        self.params = model.cast_params(backend.ops, params, dtype)
         self.vocab_size = shape.vocab_size
         self.max_len = shape.max_seq_len
 
@@ -74,8 +76,9 @@ class Model:
 
     def _fetch(self, logits, cache):
         ops = self.backend.ops
-        lp = ops.log_softmax(logits[:, -1, :])
-        self.backend.materialize((lp, cache))
+        last = logits[:, -1, :]
+        lp = ops.log_softmax(last if self.dtype == "float32" else ops.cast(last, "float32"))
+        self.backend.materialize((lp, cache.buffers if isinstance(cache, model.KVCache) else cache))
         return self.backend.to_numpy({"x": lp})["x"].astype(np.float64)
 
     def token_logprobs(self, rows: np.ndarray) -> np.ndarray:
@@ -92,6 +95,8 @@ class Model:
 
     def step(self, state, tokens: np.ndarray, keep: np.ndarray | None):
         """Feed one token per row; `keep` covers the whole sequence so far, this token included."""
+        if not isinstance(state, model.KVCache):  # a prefill's keys and values (or a group's repeated ones)
+            state = model.KVCache(self.backend.ops, state)
         logits, cache = self._run(tokens[:, None], state, self._mask(keep, 1))
         return self._fetch(logits, cache), cache
 
@@ -198,6 +203,26 @@ def _streamable(text: str, stops: Sequence[str]) -> int:
     return len(text) - hold
 
 
+class _Detokenizer:
+    """A completion's text as the whole of its tokens decode to, without decoding them all at every token: the
+    new tokens are decoded after the few before them (whose text is then cut off, so a tokenizer that drops
+    a leading space at the start of a text drops it there too), and once their piece ends in a whole character
+    it is kept and later tokens are decoded after them."""
+
+    def __init__(self, tok):
+        self.tok, self.text, self.start, self.read = tok, "", 0, 0
+
+    def decode(self, tokens: list[int]) -> str:
+        """The text of `tokens`: the completion so far, longer than at the last call."""
+        before = self.tok.decode(tokens[self.start:self.read], skip_special_tokens=False)
+        piece = self.tok.decode(tokens[self.start:], skip_special_tokens=False)[len(before):]
+        if not piece or piece.endswith("\ufffd"):  # an incomplete UTF-8 sequence: its bytes may still come
+            return self.text + piece
+        self.text += piece
+        self.start, self.read = self.read, len(tokens)
+        return self.text
+
+
 def generate_ids(
     lm,
     tok,
@@ -223,6 +248,7 @@ def generate_ids(
     rng = np.random.default_rng(cfg.seed)
     stop_set = {int(t) for t in stop_ids if t is not None}
     out = [Completion("", [], "length") for _ in range(b)]
+    texts = [_Detokenizer(tok) for _ in range(b)]
     done = np.zeros(b, dtype=bool)
     shown = [0] * b
 
@@ -240,7 +266,7 @@ def generate_ids(
             c.tokens.append(t)
             if keep_logprobs:
                 c.logprobs.append(logprobs[i].copy())
-            c.text = tok.decode(c.tokens, skip_special_tokens=False)
+            c.text = texts[i].decode(c.tokens)
             cut = _find_stop(c.text, cfg.stop_strings)
             if cut >= 0:
                 c.text, done[i], c.finish_reason = c.text[:cut], True, "stop"

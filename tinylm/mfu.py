@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tinylm.machine import this_cpu
+
 # Dense (no sparsity) peak FLOP/s by device-name fragment and compute dtype, from the vendors' data sheets.
 PEAK_FLOPS: dict[str, dict[str, float]] = {
     "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},
@@ -70,19 +72,6 @@ def measured_matmul_peak(backend, dtype: str = "float32", sizes=(512, 1024, 2048
     return best
 
 
-def bf16_matmul_speedup(backend, shapes, repeats: int = 3) -> float:
-    """float32 time over bfloat16 time of the matmuls `shapes` ((rows, inner, out) each) taken together. The
-    bf16 side casts its float32 weight each time, as a training step casts the parameters."""
-    rng, ops = np.random.default_rng(0), backend.ops
-    fp32 = bf16 = 0.0
-    for shape in shapes:
-        x, w = _operands(backend, *shape, rng)
-        x16 = ops.cast(x, "bfloat16")
-        fp32 += _best_seconds(backend, lambda: ops.linear(x, w), repeats, budget=0.05)
-        bf16 += _best_seconds(backend, lambda: ops.linear(x16, ops.cast(w, "bfloat16")), repeats, budget=0.05)
-    return fp32 / bf16
-
-
 def cache_dir() -> Path:
     """Where tinylm keeps what it measures or writes once per machine: `$TINYLM_CACHE_DIR`, else
     `~/.cache/tinylm`."""
@@ -93,23 +82,35 @@ def _cache_path() -> Path:
     return cache_dir() / "peaks.json"
 
 
-def _machine_key(backend, what: str) -> str:
-    # The processor and the thread count decide a CPU's peak; the host name keeps shared home folders apart.
-    threads = os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count())
-    return "|".join([platform.node(), platform.processor() or platform.machine(), backend.name,
-                     backend.device_name, what, threads])
+def machine_key(backend, what: str, cpu: dict | None = None) -> str:
+    """The cache key of measurement `what` on this machine (`cpu`: `tinylm.machine.cpu_info()`'s, this one's
+    unless given) and backend."""
+    # The processor, its instruction sets and the thread count decide a CPU's speed; the host name keeps
+    # shared home folders apart.
+    cpu = cpu or this_cpu()
+    threads = os.environ.get("OMP_NUM_THREADS") or str(cpu["cores"])
+    return "|".join([platform.node(), cpu["model"], " ".join(cpu["flags"]), backend.name, backend.device_name,
+                     what, threads])
 
 
-def cached_measurement(backend, what: str, measure, refresh: bool = False) -> tuple[float, bool]:
-    """(value, whether it came from the cache) of a positive number `measure()` gives for this machine and
-    backend, kept in the cache file under `what` (a dtype for a peak) so that it is measured once."""
-    path, key = _cache_path(), _machine_key(backend, what)
+def _valid(value) -> bool:
+    if isinstance(value, dict):
+        return bool(value) and all(_valid(v) for v in value.values())
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def cached_measurement(backend, what: str, measure, refresh: bool = False):
+    """(value, whether it came from the cache) of what `measure()` gives for this machine and backend (a
+    positive number, or a dict of them), kept in the cache file under `what` (a dtype for a peak) so that it
+    is measured once."""
+    path, key = _cache_path(), machine_key(backend, what)
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
-    if not refresh and isinstance(cache.get(key), (int, float)) and cache[key] > 0:
-        return float(cache[key]), True
+    if not refresh and _valid(cache.get(key)):
+        value = cache[key]
+        return (dict(value) if isinstance(value, dict) else float(value)), True
     value = measure()
     cache[key] = value
     try:  # a read-only home folder costs a re-measurement next time, nothing more

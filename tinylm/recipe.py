@@ -34,14 +34,16 @@ class TrainConfig:
     seed: int = 0
     """Seeds initialization and data sampling: the same seed gives the same run."""
     dtype: str = "float32"
-    """Compute dtype: float32, bfloat16, float16, or auto: bf16 where the device has it and it is faster (CUDA with
-    native bf16, MLX on a GPU, a CPU whose measured bf16 matmuls clearly beat fp32's), else float32. Parameters
-    and optimizer state stay float32. The default stays float32 so that runs are exact and repeatable anywhere."""
+    """Compute dtype: float32, bfloat16, float16, or auto: bf16 where the device settles it (CUDA with native bf16,
+    MLX on a GPU; MLX on a CPU keeps float32), and on a CPU under PyTorch whichever of fp32 and bf16 ran a few
+    timed training steps of this stage's model faster (bf16 must win by 5%; the timing is cached per machine,
+    model and micro-batch). Parameters and optimizer state stay float32. The default stays float32 so that runs
+    are exact and repeatable anywhere."""
     compile: Optional[bool] = None
     """Compile the step: mx.compile on MLX (gradient step and update), torch.compile on PyTorch (the gradient
-    step; about 40 s to compile on a 2-core CPU for 10-30% faster small-model steps, so worth it for runs of
-    thousands of steps). A stage's own `[stages.train] compile` applies to that stage alone.
-    Unset: the backend's choice, which is on for MLX (compiling costs it almost nothing) and off for PyTorch."""
+    step). A stage's own `[stages.train] compile` applies to that stage alone. Unset: on for MLX (compiling costs
+    it almost nothing); on PyTorch, compiled only where a few timed steps of this stage's model ran at least 5%
+    faster compiled and the run's steps save more time than compiling took (cached like `dtype`'s timing)."""
     loss_chunk: int = 0
     """Tokens per chunk of the output head and its loss (every objective's, distillation's included): each
     chunk's logits are made, used and remade in the backward pass, so the (tokens, vocabulary) logits, a

@@ -84,6 +84,16 @@ class MLXOps:
     def concat(self, xs, axis):
         return mx.concatenate(xs, axis=axis)
 
+    def kv_buffer(self, x, capacity: int):
+        """A (batch, heads, capacity, head_dim) buffer of x's dtype holding `x` at its start."""
+        pad = mx.zeros((*x.shape[:2], capacity - x.shape[2], x.shape[3]), dtype=x.dtype)
+        return mx.concatenate([x, pad], axis=2)
+
+    def kv_write(self, buf, x, start: int):
+        """`buf` with `x` written along its time axis from `start` (a slice update MLX can do in place)."""
+        buf[:, :, start:start + x.shape[2]] = x
+        return buf
+
     def cast(self, x, dtype: str):
         return x.astype(_DTYPES[dtype])
 
@@ -208,6 +218,12 @@ class MLXBackend:
         if mx.default_device() == mx.gpu:
             return "bfloat16", f"{self.device_name} computes bf16 natively"
         return "float32", "MLX's bf16 matmul on a CPU is slower than fp32"
+
+    def auto_compile(self) -> tuple[bool, str]:
+        """(compile, why) for an unset `train.compile`: the backend settles it, nothing to time."""
+        if not self.use_compile:
+            return False, "the backend was made not to compile"
+        return True, "mx.compile takes milliseconds and fuses the step's elementwise work"
 
     def seed(self, seed: int) -> None:
         mx.random.seed(seed)

@@ -85,6 +85,18 @@ class TorchOps:
     def concat(self, xs, axis):
         return torch.cat(xs, dim=axis)
 
+    def kv_buffer(self, x, capacity: int):
+        """A (batch, heads, capacity, head_dim) buffer of x's dtype holding `x` (batch, heads, time, head_dim)
+        at its start: a KV cache's room to grow."""
+        buf = x.new_empty((*x.shape[:2], capacity, x.shape[3]))
+        buf[:, :, :x.shape[2]] = x
+        return buf
+
+    def kv_write(self, buf, x, start: int):
+        """`buf` with `x` written along its time axis from `start`, in place."""
+        buf[:, :, start:start + x.shape[2]] = x
+        return buf
+
     def cast(self, x, dtype: str):
         return x.to(_DTYPES[dtype])
 
@@ -239,6 +251,11 @@ class TorchBackend:
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return "bfloat16", f"{self.device_name} has native bf16"
         return "float32", f"{self.device_name} has no native bf16"
+
+    def auto_compile(self) -> tuple[bool, str] | None:
+        """None: whether torch.compile pays for itself depends on the model, the device and the run's length,
+        which only timing tells (`tinylm.train.autotune`)."""
+        return None
 
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)

@@ -9,6 +9,7 @@ speeds so that a faster configuration can be checked to compute the same thing. 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 
 from tinylm import model
 from tinylm.bench.memory import peak_memory_mb
+from tinylm.machine import cpu_summary, this_cpu
 from tinylm.mfu import cached_peak
 from tinylm.model import ModelConfig, resolve
 from tinylm.train.optim import OptimConfig
@@ -191,10 +193,26 @@ def case_rows(backend, row_name: str, peaks: dict | None = None, echo=print) -> 
     return rows
 
 
+def machine() -> dict:
+    """What the figures were measured on: the processor's model, the cores this process may use and its ISA
+    flags (`tinylm.machine.cpu_info`), with the operating system and the framework versions."""
+    import platform
+    from importlib import metadata
+
+    versions = {}
+    for package in ("torch", "mlx", "transformers", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"cpu": this_cpu(), "system": f"{platform.system()} {platform.release()}", "versions": versions}
+
+
 def run(backends=("torch", "mlx"), out: str | Path = "bench.json", echo=print) -> dict:
     from tinylm.backends import get_backend
 
-    report = {"train": []}
+    report = {"machine": machine(), "train": []}
+    echo(f"machine: {cpu_summary(report['machine']['cpu'])}")
     on_cuda = {}
     for name in backends:
         backend = get_backend(name, "float32")
@@ -221,6 +239,11 @@ def run(backends=("torch", "mlx"), out: str | Path = "bench.json", echo=print) -
         if on_cuda[name]:
             report["train"].extend(gpu_rows(backend, peaks, echo))
         report.setdefault("rollouts", []).extend(rollouts([name], echo))
+        if name == "torch" and importlib.util.find_spec("transformers"):
+            from tinylm.bench.generation import decode_rows
+
+            report.setdefault("generation", []).extend(decode_rows(backend, dtypes=("float32", "bfloat16"),
+                                                                   echo=echo))
     from tinylm.bench import memory as bench_memory
 
     for name in backends:  # each case in a fresh process; on a GPU at the 8 x 2048 tokens of the issue's case

@@ -36,15 +36,13 @@ def _shape_for(recipe: recipes.Recipe) -> model.ModelShape:
 
 
 def _engine(backend: str, recipe: recipes.Recipe, reporter):
-    """The backend a command trains on. Its pick and its compute dtype are said here, where `train.dtype = "auto"`
-    is settled for the whole run (sized by the recipe's model where a CPU measurement decides)."""
-    from tinylm.backends import get_backend, pick, resolve_dtype
+    """The backend a command trains on, its pick said here (each stage's trainer says its dtype and whether its
+    step compiles, which `train.dtype = "auto"` and an unset `train.compile` leave to timing that stage's model)."""
+    from tinylm.backends import get_backend, pick
 
     name, why = pick(backend)
-    engine = get_backend(name, dtype=recipe.train.dtype, compile=recipe.train.compile,
-                         shape=model.resolve(recipe.model), rows=recipe.train.batch_size * recipe.train.seq_len)
+    engine = get_backend(name, dtype=recipe.train.dtype, compile=recipe.train.compile)
     reporter.say(f"backend: {name} on {engine.device_name} ({why})")
-    reporter.say(f"dtype: {engine.dtype} ({resolve_dtype(engine, recipe.train.dtype)[1]})")
     return engine
 
 

@@ -238,7 +238,11 @@ class RLData:
         cfg, g = self.cfg, self.cfg.num_generations
         prompts = self.batch_prompts(k)
         trainer = self.trainer
-        lm = GroupedPrefill(Model(trainer.backend, trainer.shape, trainer.module.parallel.gather_all(params)), g)
+        # A bf16 run decodes in bf16 too (faster where its steps are; its objective recomputes the sampler's
+        # log-probabilities in its own dtype below); any other keeps the exact float32 sampler.
+        decode = "bfloat16" if trainer.dtype == "bfloat16" else "float32"
+        lm = GroupedPrefill(Model(trainer.backend, trainer.shape, trainer.module.parallel.gather_all(params), decode),
+                            g)
         seed = int(np.random.default_rng([self.seed, k, 7]).integers(2**31))
         sampling = SamplingConfig(max_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                   stop_strings=sorted({s for p in prompts for s in p.stop_strings}), seed=seed)

@@ -161,6 +161,15 @@ def load(path: str | os.PathLike, with_optimizer: bool = True) -> Checkpoint:
     return Checkpoint(path, shape, params, optimizer, meta)
 
 
+def read_meta(path: str | os.PathLike) -> dict:
+    """What a checkpoint records of its run (its state.json) without reading its tensors; {} where it does not
+    read."""
+    try:
+        return _read_state(resolve_path(path) / "state.json")[0]
+    except (OSError, UserError):
+        return {}
+
+
 def load_newest(run_dir: str | os.PathLike, on_skip) -> Checkpoint:
     """The newest checkpoint of a run that loads; `on_skip(path, error)` hears of each damaged one passed over.
     With none loadable, the newest one's error is raised."""

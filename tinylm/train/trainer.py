@@ -6,6 +6,7 @@ and the metrics written (see `tinylm.interrupt`); `--resume` then goes on exactl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -16,8 +17,7 @@ from tinylm import model
 
 from tinylm.train import checkpoint
 
-from tinylm.train import objectives
-from tinylm.backends import resolve_dtype
+from tinylm.train import autotune, objectives
 from tinylm.config import to_dict
 from tinylm.data.mixture import resolve_phases
 from tinylm.data.prepare import open_prepared
@@ -104,16 +104,35 @@ class Trainer:
         else:
             self.shape = model.resolve(recipe.model, vocab_size=self.data.vocab_size)
         check_model_fits(recipe, self.shape, self.data.vocab_size)
-        # "auto" as the CLI settled and announced it (settled here for a backend made without it).
-        self.dtype, _ = resolve_dtype(backend, self.cfg.dtype, self.shape, self.cfg.batch_size * self.cfg.seq_len)
+        self.choices = self._choices(resume)
+        self.dtype, self.compiled = self.choices["dtype"], self.choices["compile"]
+        self.extra_meta["choices"] = self.choices
         compute = model.Compute(self.dtype, self.cfg.loss_chunk, self.cfg.activation_checkpointing)
         self.module = TrainModule(backend, self.shape, recipe.optim, compute, objective, annotate,
                                   bucket_mb=self.cfg.bucket_mb, shard_optimizer=self.cfg.shard_optimizer,
-                                  shard_params=self.cfg.shard_params, compile=self.cfg.compile)
+                                  shard_params=self.cfg.shard_params, compile=self.compiled)
         self.flops_per_token = model.flops_per_token(self.shape, self.cfg.seq_len)
         self.peak, _ = cached_peak(backend, self.dtype)
         self._tasks = None
         self._start(resume, allow_data_change)
+
+    def _choices(self, resume: bool) -> dict:
+        """The compute dtype and whether the step compiles (`tinylm.train.autotune.settle`), said to the user; a
+        resumed run keeps what its checkpoint ran with where the recipe leaves the choice open, so that it
+        continues exactly as the uninterrupted run would."""
+        cfg, existing, kept = self.cfg, checkpoint.list_steps(self.out) if resume else [], []
+        ran = checkpoint.read_meta(existing[-1]).get("choices") if existing else None
+        if isinstance(ran, dict) and cfg.dtype == "auto" and isinstance(ran.get("dtype"), str):
+            cfg, kept = dataclasses.replace(cfg, dtype=ran["dtype"]), kept + ["dtype"]
+        if isinstance(ran, dict) and cfg.compile is None and isinstance(ran.get("compile"), bool):
+            cfg, kept = dataclasses.replace(cfg, compile=ran["compile"]), kept + ["compile"]
+        choices = autotune.settle(self.backend, cfg, self.shape, self.recipe.optim, self._initial_weights,
+                                  self.reporter.say)
+        for name in kept:
+            choices[f"{name}_why"] = f"as this run's checkpoint ran: {ran.get(f'{name}_why')}"
+        self.reporter.say(f"dtype: {choices['dtype']} ({choices['dtype_why']})")
+        self.reporter.say(f"compile: {'on' if choices['compile'] else 'off'} ({choices['compile_why']})")
+        return choices
 
     def _start(self, resume: bool, allow_data_change: bool) -> None:
         existing = checkpoint.list_steps(self.out)
@@ -245,7 +264,7 @@ class Trainer:
                 util = mfu(tps, self.flops_per_token, self.peak)
                 last = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": gnorm,
                         "tokens": self.step * self.data.tokens_per_step, "tokens_per_s": tps, "mfu": util,
-                        "dtype": self.dtype, "phase": self.data.phase_name(self.step - 1)}
+                        "dtype": self.dtype, "compiled": self.compiled, "phase": self.data.phase_name(self.step - 1)}
                 # A feed may report host-side numbers of the step (RL rewards, DPO reward margins).
                 extra = self.data.log_metrics(self.step - 1) if hasattr(self.data, "log_metrics") else {}
                 last.update(extra)

@@ -150,7 +150,7 @@ def bench(
     run(tuple(backend), out)
 
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"
+QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.toml"
 
 
 @app.command()

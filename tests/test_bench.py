@@ -104,3 +104,32 @@ def test_decode_rows_put_tinylm_and_transformers_on_the_same_weights_and_prompts
     assert row["tokens_per_s"] > 0 and row["transformers_tokens_per_s"] > 0
     assert row["same_greedy_tokens"] == 1.0  # the same model: the same greedy tokens
     assert "vs transformers" in lines[0]
+
+
+def test_real_shape_training_rows_start_both_sides_from_the_same_loss_and_keep_each_sides_best():
+    pytest.importorskip("transformers")
+    from tinylm.bench.real_shape import training_rows
+    from tinylm.model import ModelConfig
+
+    [row] = training_rows(get_backend("torch", "float32"), shapes=((2, 16),), steps=2,
+                          config=ModelConfig(preset="micro", vocab_size=256), echo=lambda *_: None)
+    ours, theirs = row["tinylm"]["float32"], row["transformers"]["float32"]
+    # Same weights, same tokens: the first losses agree, and both sides learn over the steps.
+    assert abs(ours["losses"][0] - theirs["losses"][0]) < 0.05
+    assert ours["losses"][-1] < ours["losses"][0] and theirs["losses"][-1] < theirs["losses"][0]
+    best = row["best"]
+    assert row["ratio"] == pytest.approx(row["tinylm"][best["tinylm"]]["tokens_per_s"]
+                                         / row["transformers"][best["transformers"]]["tokens_per_s"], rel=1e-2)
+    assert all(row["tinylm"][best["tinylm"]]["tokens_per_s"] >= v["tokens_per_s"] for v in row["tinylm"].values())
+
+
+@pytest.mark.slow  # two fresh processes, each importing torch
+def test_sft_and_grpo_step_memory_rows_come_from_fresh_processes_and_train():
+    from tinylm.bench.real_shape import memory_rows
+
+    rows = memory_rows(("torch",), config={"preset": "micro", "vocab_size": 256}, batch_size=2, seq_len=16,
+                       prompts=2, group=2, prompt_len=4, new_tokens=4, echo=lambda *_: None)
+    assert [r["name"] for r in rows] == ["sft-step-135m-shape-memory", "grpo-step-135m-shape-memory"]
+    for row in rows:
+        assert row["peak_memory_mb"] > 0 and all(math.isfinite(v) for v in row["losses"])
+    assert rows[1]["prompts"] * rows[1]["group"] == 4

@@ -242,8 +242,16 @@ def run(backends=("torch", "mlx"), out: str | Path = "bench.json", echo=print) -
         if name == "torch" and importlib.util.find_spec("transformers"):
             from tinylm.bench.generation import decode_rows
 
+            from tinylm.bench.real_shape import memory_rows, training_rows
+
             report.setdefault("generation", []).extend(decode_rows(backend, dtypes=("float32", "bfloat16"),
                                                                    echo=echo))
+            report.setdefault("real_shape", []).extend(training_rows(backend, echo=echo))
+            # As a real-model recipe on a 16 GiB laptop runs them: the head in chunks, blocks recomputed in
+            # the backward pass, and the GRPO step's 64 rollouts in micro-batches of 16.
+            lean = dict(echo=echo, loss_chunk=512, checkpoint_blocks=True)
+            report["real_shape"].extend(memory_rows((name,), ("sft",), **lean))
+            report["real_shape"].extend(memory_rows((name,), ("grpo",), grad_accum=4, **lean))
     from tinylm.bench import memory as bench_memory
 
     for name in backends:  # each case in a fresh process; on a GPU at the 8 x 2048 tokens of the case

@@ -153,3 +153,35 @@ def test_every_command_on_the_page_is_checked_and_the_cheap_ones_run(page, tmp_p
         if name in GENERATES and "--max-tokens" not in argv:
             argv += ["--max-tokens", SMALL["--max-tokens"]]
         assert main(argv) == 0, f"{page.name}: `{command}` failed: {capsys.readouterr().err}"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_loss_curve_draws_each_stage_in_the_recipes_order(tmp_path, monkeypatch):
+    import json
+
+    plot_loss = _script("plot_loss")
+    run = tmp_path / "run"
+    for stage, start in (("sft", 2.0), ("pretrain", 8.0)):  # written out of order on purpose
+        (run / stage).mkdir(parents=True)
+        rows = [{"step": s, "loss": start - s / 10} for s in range(1, 6)] + [{"step": 5, "val_loss": start}]
+        (run / stage / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{torn")
+    (run / "run.json").write_text(json.dumps({"recipe": "quickstart", "source": "recipes/quickstart.toml"}))
+    monkeypatch.chdir(ROOT)
+    assert [d.name for d in plot_loss.stage_dirs(run)] == ["pretrain", "sft"]
+    out = plot_loss.plot(run, tmp_path / "loss.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="no training losses"):
+        plot_loss.plot(tmp_path / "empty", tmp_path / "none.png")
+
+
+def test_pipeline_diagram_draws_every_step(tmp_path):
+    draw = _script("draw_pipeline")
+    out = draw.draw(tmp_path / "pipeline.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (ROOT / "docs" / "img" / "pipeline.png").is_file()
+    assert draw.QUICKSTART <= {title for title, _, _ in draw.STEPS}

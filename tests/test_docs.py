@@ -135,7 +135,12 @@ def test_every_command_on_the_page_is_checked_and_the_cheap_ones_run(page, tmp_p
         if argv is not None:
             name = check_against_cli(argv)
         elif words[0] == "make":
-            assert set(words[1:]) <= make_targets(), f"{page.name}: `{command}` names a missing make target"
+            targets = {w for w in words[1:] if "=" not in w}
+            assert targets <= make_targets(), f"{page.name}: `{command}` names a missing make target"
+        elif words[0] in ("python", "python3") and len(words) > 2 and words[1] == "-m":
+            assert importlib.util.find_spec(words[2]), f"{page.name}: `{command}`: no module {words[2]}"
+        elif words[0] in ("python", "python3") and len(words) > 1 and words[1].endswith(".py"):
+            assert (ROOT / words[1]).is_file(), f"{page.name}: `{command}`: no script {words[1]}"
         if reason is not None or command in HEADLINE:
             assert reason != "", f"{page.name}: `{command}` is marked not run without a reason"
             continue

@@ -155,6 +155,10 @@ def cli_page() -> str:
     return "\n".join(line.rstrip() for line in f"{head}\n\n{intro}\n{rest}".splitlines()).rstrip() + "\n"
 
 
+def _maybe(value, spec: str, unit: str = "") -> str:
+    return "" if value is None else f"{value:{spec}}{unit}"
+
+
 def _case(row: dict) -> str:
     case = f"`{row['name']}`"
     if not row["name"].startswith("nanogpt"):
@@ -173,7 +177,7 @@ def bench_tables(report: dict) -> str:
         if "tokens_per_s" in row:
             shown = f"{losses[0]:.4f} ... {losses[-1]:.4f}" if losses and "baseline" not in row["name"] else ""
             speed.append(f"| {row['backend']} | {row['device']} | {_case(row)} | {dtypes.get(row['dtype'], row['dtype'])} "
-                         f"| {row['tokens_per_s']:,.1f} | {row['mfu']:.1%} | {row['peak_memory_mb']:,.0f} MiB | {shown} |")
+                         f"| {row['tokens_per_s']:,.1f} | {_maybe(row.get('mfu'), '.1%')} | {_maybe(row.get('peak_memory_mb'), ',.0f', ' MiB')} | {shown} |")
         else:
             memory.append(f"| {row['backend']} | {row['device']} | `{row['name']}`, {row['batch_size']} x {row['seq_len']} "
                           f"tokens | {row.get('loss_chunk', 0)} | {row['peak_memory_mb']:,.0f} MiB | "

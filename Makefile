@@ -7,7 +7,7 @@ EXTRAS ?= torch,mlx,dev
 STAMP := .setup-stamp
 PYTEST := $(PYTHON) -m pytest -q -p no:cacheprovider
 
-.PHONY: setup quickstart test test-slow test-gpu test-all bench clean
+.PHONY: setup quickstart test test-slow test-gpu test-all bench docs loss-curve pipeline-diagram clean
 
 $(STAMP): pyproject.toml
 	@bash scripts/setup.sh "$(PYTHON)" "$(TORCH_SPEC)" "$(EXTRAS)"
@@ -34,6 +34,18 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) -m tinylm bench --out bench.json
 	bash scripts/bench_shakespeare.sh "$(PYTHON)"
+
+# docs/config.md and docs/cli.md are generated from the code; tests/test_docs.py fails when they are stale.
+docs:
+	$(PYTHON) scripts/gen_docs.py
+
+# The quickstart's loss curve for the README, from a finished run: make loss-curve RUN=runs/quickstart
+RUN ?= runs/quickstart
+loss-curve:
+	$(PYTHON) scripts/plot_loss.py $(RUN)
+
+pipeline-diagram:
+	$(PYTHON) scripts/draw_pipeline.py
 
 clean:
 	rm -rf runs data/synthetic* $(STAMP) build *.egg-info

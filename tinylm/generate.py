@@ -143,6 +143,7 @@ def chat_prompt(messages: list[dict], meta: dict | None = None) -> str:
 
 def _render_template(template: str, messages: list[dict], meta: dict) -> str:
     try:
+        from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
         raise UserError("this model's chat template needs jinja2: pip install jinja2") from None
@@ -151,14 +152,32 @@ def _render_template(template: str, messages: list[dict], meta: dict) -> str:
         raise UserError(f"chat template: {message}")
 
     names = meta.get("special_tokens", {})
+    # The template sees the tokenizer's own names, BOS included where tinylm records none (see save_imported).
+    original = meta.get("hf_tokenizer_config") or {}
+
+    def name(key: str) -> str:
+        value = original.get(f"{key}_token")
+        value = value.get("content") if isinstance(value, dict) else value
+        return value or names.get(key) or ""
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = fail
-    text = env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                            bos_token=names.get("bos") or "", eos_token=names.get("eos") or "")
+    try:
+        text = env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                                bos_token=name("bos"), eos_token=name("eos"))
+    except TemplateError as e:
+        raise UserError(f"the model's chat template fails to render: {type(e).__name__}: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise UserError(f"the model's chat template fails to render: {type(e).__name__}: {e}") from None
     # encode_prompt adds BOS itself for models that expect one; the template must not double it.
     if adds_bos(meta) and names.get("bos") and text.startswith(names["bos"]):
         text = text[len(names["bos"]):]
     return text
+
+
+def check_chat_template(meta: dict) -> None:
+    """A `UserError` now, rather than at the first chat, when the model's template cannot render a turn."""
+    chat_prompt([{"role": "user", "content": "What is 2 + 3?"}], meta)
 
 
 def sample(logprobs: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> np.ndarray:

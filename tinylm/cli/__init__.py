@@ -52,7 +52,11 @@ def info(
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """Show the resolved recipe, the parameter count and the training FLOPs per token."""
+    """Show the resolved recipe, the parameter count and the training FLOPs per token; for a checkpoint or
+    run directory, its model and where its weights came from."""
+    if recipe_path.is_dir():
+        _checkpoint_info(recipe_path, as_json)
+        return
     recipe = recipes.load(recipe_path, set_)
     shape = _shape_for(recipe)
     report = {
@@ -71,6 +75,28 @@ def info(
           f"heads {shape.n_heads}/{shape.n_kv_heads}, ffn {shape.ffn_dim}, vocab {shape.vocab_size}")
     print(f"params: {report['params']:,} ({report['non_embedding_params']:,} without the embedding)")
     print(f"flops per token: {report['flops_per_token']:.4g} at seq_len {recipe.train.seq_len}")
+
+
+def _checkpoint_info(path: Path, as_json: bool) -> None:
+    from tinylm.train import checkpoint
+
+    meta = checkpoint.read_meta(checkpoint.resolve_path(path))
+    shape = model.ModelShape(**meta["model"])
+    source = meta.get("imported_from") or {}
+    report = {"checkpoint": str(checkpoint.resolve_path(path)), "step": meta.get("step"), "model": meta["model"],
+              "params": model.count_params(shape), "imported_from": source or None, "chat": bool(meta.get("chat"))}
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"checkpoint: {report['checkpoint']} (step {report['step']})")
+    print(f"model: {shape.n_layers} layers x{shape.block_repeats}, dim {shape.dim}, heads {shape.n_heads}/"
+          f"{shape.n_kv_heads}, ffn {shape.ffn_dim}, vocab {shape.vocab_size}; {report['params']:,} params")
+    if source:
+        line = f"imported from {source.get('format', 'hf')} {source.get('name')} ({source.get('architecture')})"
+        if source.get("quantization"):
+            kinds = ", ".join(f"{k} x{n}" for k, n in sorted(source["quantization"].items()))
+            line += f"; tensor types {kinds}: weights dequantized to float32, not the original ones"
+        print(line)
 
 
 @app.command()

@@ -160,26 +160,40 @@ def writable_output(path: Path) -> Path:
 def export(
     ckpt: str = typer.Argument(..., metavar="CKPT", help="Checkpoint or run directory."),
     out_dir: Path = typer.Argument(..., metavar="DIR", help="Directory to write."),
-    to: str = typer.Option("hf", "--to", help="Target format (hf: a transformers model directory)."),
+    to: str = typer.Option("hf", "--to", help="Target format: hf (a transformers model directory) or gguf "
+                           "(a llama GGUF file, DIR being the file)."),
+    gguf_type: str = typer.Option("F16", "--type", help="GGUF tensor type of the matrices: F32, F16 or Q8_0."),
     force: bool = typer.Option(False, "--force", help="Write into DIR even if it is not empty."),
 ):
-    """Write a checkpoint as a Hugging Face model directory: `tinylm export CKPT --to hf DIR`."""
+    """Write a checkpoint as a Hugging Face model directory (`--to hf DIR`) or a GGUF file (`--to gguf FILE`)."""
+    if to == "gguf":
+        from tinylm.interop.gguf import export_gguf
+
+        print(export_gguf(ckpt, out_dir, gguf_type.upper(), force=force))
+        return
     from tinylm.interop.hf import export_hf
 
     if to != "hf":
-        raise UserError(f"unknown export format {to!r} (supported: hf)")
+        raise UserError(f"unknown export format {to!r} (supported: hf, gguf)")
     print(export_hf(ckpt, out_dir, force=force))
 
 
 def import_(
-    hf_dir: Path = typer.Argument(..., metavar="HF_DIR", help="Local Llama or Qwen3 model directory."),
+    hf_dir: Path = typer.Argument(..., metavar="SOURCE", help="Local Llama or Qwen3 model directory, or a "
+                                  "llama GGUF file (FILE.gguf)."),
     out: Path = typer.Option(..., "--out", help="Run directory to write the checkpoint into."),
     force: bool = typer.Option(False, "--force", help="Write into an existing run directory (its checkpoints "
                                "are kept)."),
 ):
-    """Read a local Hugging Face Llama/Qwen3 model into a tinylm checkpoint (to continue training or fine-tune)."""
+    """Read a local Hugging Face Llama/Qwen3 model or a llama GGUF file into a tinylm checkpoint (to continue
+    training or fine-tune); GGUF weights are dequantized to float32."""
     from tinylm.interop.hf import import_hf
 
+    if hf_dir.is_file():  # a GGUF file (a model directory is a folder)
+        from tinylm.interop.gguf import import_gguf
+
+        print(import_gguf(hf_dir, out, force=force))
+        return
     print(import_hf(hf_dir, out, force=force))
 
 

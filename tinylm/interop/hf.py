@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from tinylm.train import checkpoint
@@ -151,56 +150,41 @@ def _write_hf(ckpt_path: str | os.PathLike, out: Path) -> None:
     _write_json(out / "special_tokens_map.json", {f"{k}_token": names[k] for k in ("bos", "eos", "pad") if names[k]})
 
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
-
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """All tensors as float32, bfloat16 included (which numpy has no type for)."""
-    try:
-        with open(path, "rb") as f:
-            header = _safetensors_header(f, path)
-            data = f.read()
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is truncated or not a safetensors file: {e}") from None
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, (start, end), shape = info["dtype"], info["data_offsets"], tuple(info["shape"])
-        except (TypeError, KeyError, ValueError):
-            raise UserError(f"{path} is damaged: tensor {name} has no dtype, data_offsets and shape") from None
-        if dtype not in _DTYPES:
-            raise UserError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-        if end > len(data):
-            raise UserError(f"{path} is truncated (tensor {name} runs past the end of the file)")
-        raw = np.frombuffer(data[start:end], dtype=_DTYPES[dtype])
-        if dtype == "BF16":
-            raw = (raw.astype(np.uint32) << 16).view(np.float32)
-        try:
-            out[name] = raw.astype(np.float32).reshape(shape)
-        except (ValueError, TypeError):
-            raise UserError(f"{path} is damaged: tensor {name} holds {raw.size} values, not shape {shape}") from None
-    return out
-
-
 LFS_POINTER = b"version https://git-lfs"
 
 
-def _safetensors_header(f, path: Path) -> dict:
-    """The JSON header, its size checked against the file's before anything that size is read: a git-lfs
-    pointer's first 8 bytes (`version `) would otherwise ask for exabytes."""
-    start = f.read(len(LFS_POINTER))
-    if start == LFS_POINTER:
-        raise UserError(f"{path} is a git-lfs pointer, not the weights (fetch them with `git lfs pull`)")
-    f.seek(0)
-    (size,) = struct.unpack("<Q", f.read(8))
-    if size > os.fstat(f.fileno()).st_size - 8:
-        raise UserError(f"{path} is not a safetensors file (its header size {size} is larger than the file)")
-    header = json.loads(f.read(size))
-    if not isinstance(header, dict):
-        raise UserError(f"{path} is not a safetensors file (its header is not a JSON object)")
-    return header
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of one file as float32, read with `safetensors`; bfloat16 ones (which numpy has no type
+    for) through whichever of torch and MLX is installed."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(LFS_POINTER)) == LFS_POINTER:
+                raise UserError(f"{path} is a git-lfs pointer, not the weights (fetch them with `git lfs pull`)")
+        out = {}
+        with safe_open(str(path), framework="numpy") as st:
+            for name in st.keys():
+                dtype = st.get_slice(name).get_dtype()
+                out[name] = _bf16(path, name) if dtype == "BF16" else st.get_tensor(name).astype(np.float32)
+        return out
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise UserError(f"{path} is missing (a shard the index names?)") from None
+        raise UserError(f"{path} is not a safetensors file, or is truncated: {e}") from None
+
+
+def _bf16(path: Path, name: str) -> np.ndarray:
+    for framework in ("pt", "mlx"):
+        try:
+            with safe_open(str(path), framework=framework) as st:
+                value = st.get_tensor(name)
+        except (ImportError, ModuleNotFoundError):
+            continue
+        if framework == "pt":
+            return value.float().numpy()
+        import mlx.core as mx
+
+        return np.array(value.astype(mx.float32))
+    raise UserError(f"{path}: tensor {name} is bfloat16, which needs torch or mlx installed to read")
 
 
 def _read_weights(hf_dir: Path) -> dict[str, np.ndarray]:
@@ -214,6 +198,10 @@ def _read_weights(hf_dir: Path) -> dict[str, np.ndarray]:
         files = ["model.safetensors"]
     else:
         raise UserError(f"{hf_dir} has no model.safetensors (only safetensors weights can be imported)")
+    missing = [name for name in files if not (hf_dir / name).is_file()]
+    if missing:
+        raise UserError(f"{hf_dir}: shard {missing[0]} named by model.safetensors.index.json is missing "
+                        f"({len(missing)} of {len(files)} shards absent)")
     tensors = {}
     for name in files:
         tensors.update(read_safetensors(hf_dir / name))
@@ -290,21 +278,24 @@ def _fold_repeats(params: dict, n_layers: int, repeats: int) -> dict | None:
     return folded
 
 
+def prepare_import(out_dir: Path, force: bool) -> None:
+    """Refuse an `out_dir` that an import must not write into, before any work."""
+    check_target(out_dir, force)
+    if (out_dir / "checkpoints" / "step_00000000").exists():
+        raise UserError(f"{out_dir} already holds a step 0 checkpoint; choose another --out")
+
+
 def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, force: bool = False) -> Path:
     """Read a local Llama or Qwen3 model directory into a tinylm checkpoint (step 0) under `out_dir`.
 
     A non-empty `out_dir` is refused unless `force`; even then no checkpoint there is replaced or deleted."""
     import dataclasses
 
-    from tinylm.data.tokenizer import load_tokenizer
-
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
     out_dir = Path(out_dir)
-    check_target(out_dir, force)
-    if (out_dir / "checkpoints" / "step_00000000").exists():
-        raise UserError(f"{out_dir} already holds a step 0 checkpoint; choose another --out")
+    prepare_import(out_dir, force)
     cfg = _read_json(hf_dir / "config.json")
     try:
         arch, shape = _shape_from_config(cfg, hf_dir)
@@ -312,7 +303,6 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, force: bool
         raise UserError(f"{hf_dir / 'config.json'} is damaged or incomplete: {e!r}") from None
     if not (hf_dir / "tokenizer.json").is_file():
         raise UserError(f"{hf_dir} has no tokenizer.json (tinylm needs the fast tokenizer file)")
-    tok = load_tokenizer(hf_dir / "tokenizer.json")
 
     params = {k.removeprefix("model."): v for k, v in _read_weights(hf_dir).items()}
     params = {k: v for k, v in params.items() if not k.endswith("rotary_emb.inv_freq")}
@@ -325,14 +315,47 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, force: bool
     if folded is not None:
         params, shape = folded, dataclasses.replace(shape, n_layers=shape.n_layers // repeats, block_repeats=repeats)
     checkpoint.check_params(shape, params, str(hf_dir))
-
-    tok_cfg = _read_json(hf_dir / "tokenizer_config.json", {})
+    tok_cfg = hf_tokenizer_config(hf_dir)
     gen = _read_json(hf_dir / "generation_config.json", {})
+    return save_imported(out_dir, shape, params, hf_dir / "tokenizer.json", tok_cfg, cfg, gen,
+                         {"format": "hf", "architecture": arch, "name": hf_dir.name})
+
+
+def hf_tokenizer_config(hf_dir: Path) -> dict:
+    """tokenizer_config.json with what transformers 5 keeps beside it: the special token names of
+    special_tokens_map.json where the config has none, and the chat template of chat_template.jinja (which
+    wins, as it does in transformers)."""
+    tok_cfg = dict(_read_json(hf_dir / "tokenizer_config.json", {}) or {})
+    for key, value in (_read_json(hf_dir / "special_tokens_map.json", {}) or {}).items():
+        if key.endswith("_token") and tok_cfg.get(key) is None:
+            tok_cfg[key] = _token_name(value)
+    jinja = hf_dir / "chat_template.jinja"
+    if jinja.is_file():
+        tok_cfg["chat_template"] = jinja.read_text(encoding="utf-8")
+    elif (hf_dir / "chat_template.json").is_file():
+        tok_cfg["chat_template"] = (_read_json(hf_dir / "chat_template.json") or {}).get("chat_template")
+    return tok_cfg
+
+
+def save_imported(out_dir: Path, shape: ModelShape, params: dict, tokenizer_path: Path, tok_cfg: dict,
+                  cfg: dict, gen: dict, source: dict) -> Path:
+    """The step 0 checkpoint of an imported model, with the special tokens tinylm decodes with.
+
+    BOS is the token put before a document. A model whose tokenizer says it adds none, or whose named BOS
+    is a chat turn marker (SmolLM2 names `<|im_start|>` its BOS, yet never adds it) records none, so that
+    tinylm neither prepends it nor stops at it; the original names stay in `hf_tokenizer_config`, which
+    export writes back."""
+    from tinylm.data.tokenizer import load_tokenizer
+    from tinylm.generate import check_chat_template
+
+    tok = load_tokenizer(tokenizer_path)
 
     def name_of(key: str, fallback: str) -> str | None:
         value = _token_name(tok_cfg.get(f"{key}_token"))
         if value is None and isinstance(cfg.get(f"{key}_token_id"), int):
             value = tok.id_to_token(cfg[f"{key}_token_id"])
+        if value is not None and tok.token_to_id(value) is None:
+            value = None
         return value if value is not None else (fallback if tok.token_to_id(fallback) is not None else None)
 
     specials = {"bos": name_of("bos", BOS), "eos": name_of("eos", EOS), "pad": name_of("pad", PAD)}
@@ -342,9 +365,14 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, force: bool
     specials["end"] = others[0] if others else (END if tok.token_to_id(END) is not None else None)
     bos_id = tok.token_to_id(specials["bos"]) if specials["bos"] else None
     probe = tok.encode("a").ids
-    add_bos = bool(bos_id is not None and probe and probe[0] == bos_id) or specials["bos"] == BOS
-
-    meta = {"model": shape.to_dict(), "imported_from": {"architecture": arch, "name": hf_dir.name},
-            "special_tokens": specials, "add_bos": add_bos, "hf_tokenizer_config": tok_cfg}
-    return checkpoint.save(out_dir, 0, params, None, meta, tokenizer=hf_dir / "tokenizer.json", keep=0)
-
+    declared = tok_cfg.get("add_bos_token")
+    add_bos = bool(bos_id is not None and probe and probe[0] == bos_id) or specials["bos"] == BOS or declared is True
+    template = tok_cfg.get("chat_template")
+    turn_marker = bool(specials["bos"] and isinstance(template, str) and specials["bos"] in template)
+    if not add_bos and (declared is False or turn_marker):
+        specials["bos"] = None
+    meta = {"model": shape.to_dict(), "imported_from": source, "special_tokens": specials, "add_bos": add_bos,
+            "hf_tokenizer_config": tok_cfg, "chat": bool(template)}
+    if template:
+        check_chat_template(meta)
+    return checkpoint.save(out_dir, 0, params, None, meta, tokenizer=tokenizer_path, keep=0)

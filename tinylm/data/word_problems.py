@@ -257,3 +257,16 @@ def check_capacity(n: int, difficulty: int) -> None:
     if n > limit:
         raise UserError(f"word_problems: asked for {n:,} distinct unseen-phrasing problems, but the held-out parts "
                         f"can make at most {limit:,} at difficulty {difficulty}")
+
+
+def has_distractor(prompt: str) -> bool:
+    """Whether a prompt carries one of the distractor sentences (seen or held out)."""
+    import re
+    import string
+
+    for part in DISTRACTORS.seen + DISTRACTORS.held_out:
+        pattern = "".join(re.escape(lit) + (r"\S+" if field is not None else "")
+                          for lit, field, *_ in string.Formatter().parse(part))
+        if re.search(pattern, prompt):
+            return True
+    return False

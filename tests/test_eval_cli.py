@@ -95,3 +95,45 @@ def test_eval_gsm8k_file_with_limit(ckpt, tmp_path, capsys):
                  "--max-tokens", "8", "--json", "--output", str(tmp_path / "r.json")]) == 0
     got = json.loads(capsys.readouterr().out)["gsm8k"]
     assert got["samples"] == 2 and 0.0 <= got["exact_match"] <= 1.0
+
+
+def test_eval_splits_phrased_families_unseen_first_and_logs_every_generation(ckpt, tmp_path, capsys):
+    qa = tmp_path / "mine.jsonl"
+    qa.write_text(json.dumps({"prompt": "What is 2 + 3?", "answer": "5"}) + "\n")
+    log = tmp_path / "logs" / "samples.jsonl"
+    assert main(["eval", str(ckpt), "--tasks", f"word_problems,qa:{qa}", "--limit", "2", "--max-tokens", "8",
+                 "--output", str(tmp_path / "r.json"), "--log-samples", str(log), "--backend", "torch"]) == 0
+    table = capsys.readouterr().out
+    assert table.index("word_problems_unseen") < table.index("word_problems_seen")
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["task"] for r in rows] == ["word_problems_unseen"] * 2 + ["word_problems_seen"] * 2 + ["qa"]
+    for r in rows:
+        assert set(r) == {"task", "prompt", "completion", "extracted", "expected", "correct"}
+    assert rows[-1]["expected"] == "5" and rows[-1]["prompt"].startswith("What is 2 + 3?")
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    share = sum(r["correct"] for r in rows if r["task"] == "word_problems_unseen") / 2
+    assert results["word_problems_unseen"]["metrics"]["exact_match"] == share
+
+
+@pytest.mark.parametrize("case", ["unwritable", "folder", "not_numbers", "too_many_unseen"])
+def test_eval_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
+    from tinylm.data.word_problems import capacity
+
+    tasks, extra = "arithmetic", []
+    if case == "unwritable":
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        extra = ["--log-samples", str(blocker / "samples.jsonl")]  # a file stands where the folder should be
+    elif case == "folder":
+        extra = ["--log-samples", str(tmp_path)]
+    elif case == "not_numbers":
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"question": "Which?", "answer": "so the red one\n#### red"}) + "\n")
+        tasks = f"gsm8k:{bad}"
+    else:
+        tasks, extra = "word_problems", ["--limit", str(capacity(2) + 1)]
+    code = main(["eval", str(tmp_path / "no-model"), "--tasks", tasks] + extra)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert {"unwritable": "cannot be written", "folder": "is a folder", "not_numbers": "is not a number",
+            "too_many_unseen": "held-out parts can make at most"}[case] in err

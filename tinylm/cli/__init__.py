@@ -185,12 +185,14 @@ def quickstart(
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     fresh: bool = typer.Option(False, "--fresh", help="Start over instead of continuing an earlier quickstart."),
 ):
-    """`tinylm run recipes/quickstart.toml` on the built-in data, then the model's worked answers to three
-    held-out problems."""
+    """`tinylm run recipes/quickstart.toml` on the built-in data, then the final model scored on word problems in
+    held-out and in seen phrasings, every answer written to `samples.jsonl` in the run folder, a few shown."""
     import shutil
 
-    from tinylm.data.synthetic import extract_answer, problems
-    from tinylm.generate import SamplingConfig, chat_prompt, generate, load_model
+    from tinylm.cli.eval import write_samples
+    from tinylm.eval import harness
+    from tinylm.eval.tasks import load_tasks
+    from tinylm.generate import load_model
 
     if not QUICKSTART.is_file():
         raise UserError(f"the quickstart recipe is missing: {QUICKSTART}")
@@ -202,13 +204,28 @@ def quickstart(
     run(QUICKSTART, backend=backend, set_=set_, out=None, from_stage=None, only=None, quiet=False)
     final = recipes.resolve_stages(recipe)[-1].out
     lm, tok, ckpt = load_model(final, backend)
-    shown = problems("word_problems", n=3, split="test")
-    prompts = [chat_prompt(p.messages()[:1], ckpt.meta) if ckpt.meta.get("chat") else p.prompt + "\n" for p in shown]
-    completions = generate(lm, tok, prompts, SamplingConfig(max_tokens=200), ckpt.meta)
-    for problem, completion in zip(shown, completions):
-        verdict = "right" if extract_answer(completion.text) == problem.answer else f"wrong, expected {problem.answer}"
-        print(f"\nheld-out problem: {problem.prompt.strip()}\nmodel ({verdict}):\n{completion.text.strip()}")
-    print(f"\ncheckpoint: {ckpt.path}\nnext: tinylm eval {final} --tasks word_problems,arithmetic --limit 500")
+    rows: list = []
+    results = harness.run_tasks(lm, tok, load_tasks("word_problems", recipe.eval.limit or 200), ckpt.meta,
+                                chat=bool(ckpt.meta.get("chat")), log=rows)
+    write_samples(out / "samples.jsonl", rows)
+    print("\n" + harness.markdown_table(results), end="")
+    for row in _examples(rows):
+        verdict = "right" if row["correct"] else f"wrong, expected {row['expected']}"
+        where = "unseen" if row["task"].endswith("_unseen") else "seen"
+        print(f"\n{where}-phrasing problem: {row['prompt'].strip()}\nmodel ({verdict}):\n{row['completion'].strip()}")
+    print(f"\nevery answer: {out / 'samples.jsonl'}\ncheckpoint: {ckpt.path}\n"
+          f"next: tinylm eval {final} --tasks word_problems,arithmetic --limit 500 --log-samples samples.jsonl")
+
+
+def _examples(rows: list[dict]) -> list[dict]:
+    """Two problems in unseen phrasings, one with a distractor sentence, one in seen phrasing."""
+    from tinylm.data.word_problems import has_distractor
+
+    unseen = [r for r in rows if r["task"].endswith("_unseen")]
+    distracted = [r for r in unseen if has_distractor(r["prompt"])]
+    plain = [r for r in unseen if not has_distractor(r["prompt"])]
+    seen = [r for r in rows if r["task"].endswith("_seen")]
+    return plain[:2] + distracted[:1] + seen[:1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,6 +118,9 @@ def eval_(
                                              "(default: 256)."),
     output: Optional[Path] = typer.Option(None, "--output", help="Results JSON path (default: "
                                           "eval_results.json in the checkpoint); a .md table is written beside it."),
+    log_samples: Optional[Path] = typer.Option(None, "--log-samples", help="Write one JSON line per generation "
+                                               "of the generative tasks: prompt, completion, extracted and expected "
+                                               "answer, verdict."),
     backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
 ):
     """Evaluate a checkpoint (or a committee) on tasks; prints a markdown table or JSON."""
@@ -126,6 +129,8 @@ def eval_(
 
     if output is not None:
         writable_output(output)
+    if log_samples is not None:
+        writable_samples(log_samples)
     task_list = load_tasks(tasks, limit)
     for t in task_list:
         t.max_tokens = max_tokens or t.max_tokens
@@ -135,7 +140,10 @@ def eval_(
         temperature = 0.8
     if chat is None:
         chat = bool(ckpt_obj.meta.get("chat"))
-    results = harness.run_tasks(lm, tok, task_list, ckpt_obj.meta, samples, temperature, chat)
+    rows: list | None = [] if log_samples is not None else None
+    results = harness.run_tasks(lm, tok, task_list, ckpt_obj.meta, samples, temperature, chat, log=rows)
+    if log_samples is not None:
+        write_samples(log_samples, rows)
     members = [str(ckpt_obj.path)] + ([c for c in committee.split(",") if c.strip()] if committee else [])
     report = {"checkpoint": members[0], "step": ckpt_obj.step, "committee": members if committee else None,
               "limit": limit, "samples_per_problem": samples, "temperature": temperature, "results": results}
@@ -155,6 +163,25 @@ def writable_output(path: Path) -> Path:
         raise UserError(f"--output {path} is a folder; name a file, such as {path / 'eval_results.json'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def writable_samples(path: Path) -> Path:
+    """Refuse a --log-samples path that cannot be written before any work is done."""
+    if path.is_dir():
+        raise UserError(f"--log-samples {path} is a folder; name a file, such as {path / 'samples.jsonl'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise UserError(f"--log-samples {path} cannot be written ({e.strerror or e})") from None
+    return path
+
+
+def write_samples(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
 
 
 def export(

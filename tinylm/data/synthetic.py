@@ -5,6 +5,9 @@ prompt, never according to the draw, so the two splits cannot share a prompt wha
 difficulties asked for (`check_disjoint` verifies it). Worked solutions end in a line `#### <answer>`, the
 GSM8K convention, so one answer extractor serves every family.
 
+Families in `PHRASED` also have an `unseen` split, drawn only from the phrasing parts held out of both other
+splits (see `tinylm.data.word_problems`).
+
 The evaluation harness calls `problems(family, split="test")`; sources call `documents(...)`.
 """
 
@@ -15,7 +18,9 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-VERSION = 2
+from tinylm.errors import UserError
+
+VERSION = 3
 """Bumped whenever a generator's output changes, so prepared data made with the old one is rebuilt."""
 
 TEST_PERCENT = 10
@@ -273,10 +278,18 @@ FAMILIES: dict[str, Generator] = {
 }
 
 
+PHRASED: set[str] = set()
+"""Families whose generators take `held_out=True` and so have an `unseen` split."""
+
+SPLITS = ("train", "test", "unseen")
+
+
 def _register_text_families() -> None:
-    from tinylm.data import synthetic_text
+    from tinylm.data import synthetic_text, word_problems
 
     FAMILIES.update(synthetic_text.FAMILIES)
+    FAMILIES["word_problems"] = word_problems.word_problems
+    PHRASED.add("word_problems")
 
 
 _register_text_families()
@@ -288,20 +301,31 @@ def generate(family: str, split: str = "train", n: int = 100, seed: int = 0, dif
     """
     if family not in FAMILIES:
         raise KeyError(family)
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in SPLITS or (split == "unseen" and family not in PHRASED):
+        splits = SPLITS if family in PHRASED else SPLITS[:2]
+        raise UserError(f"{family}: split must be one of {', '.join(splits)}, got {split!r}")
     make = FAMILIES[family]
+    unseen = split == "unseen"
+    if unseen:
+        from tinylm.data.word_problems import check_capacity
+
+        check_capacity(n, difficulty)
+        make = lambda rng, difficulty: FAMILIES[family](rng, difficulty, held_out=True)  # noqa: E731
     rng = random.Random(f"tinylm/{family}/{split}/{seed}/{difficulty}")
     seen: set[str] = set()
     out: list[Problem] = []
     misses = 0
     while len(out) < n and misses < 200 + 50 * n:
         p = make(rng, difficulty)
-        if p.prompt in seen or split_of(family, p.prompt) != split:
+        # The held-out parts alone keep unseen prompts apart from the others; the hash splits the rest.
+        if p.prompt in seen or (not unseen and split_of(family, p.prompt) != split):
             misses += 1
             continue
         seen.add(p.prompt)
         out.append(p)
+    if unseen and len(out) < n:
+        raise UserError(f"{family}: the held-out phrasing parts made only {len(out)} distinct problems of the "
+                        f"{n} asked for")
     return out
 
 

@@ -1,121 +1,16 @@
-"""Synthetic families written as prose: GSM8K-style word problems and short stories with a question."""
+"""Short stories in plain prose with a reading-comprehension question (word problems: `word_problems`)."""
 
 from __future__ import annotations
 
 import random
 
-from tinylm.data.synthetic import Problem, _finish, worked
+from tinylm.data.synthetic import Problem, _finish
 
 NAMES = ["Mia", "Leo", "Ava", "Noah", "Zara", "Omar", "Lena", "Ravi", "Ines", "Kofi", "Yuki", "Sam", "Nora", "Tomas",
          "Priya", "Jonah", "Elif", "Marco", "Hana", "Diego", "Amara", "Felix", "Suki", "Ben", "Chloe", "Idris", "Maya",
          "Owen", "Tara", "Aziz"]
 ITEMS = ["apples", "marbles", "stickers", "books", "cookies", "pencils", "coins", "shells", "cards", "stamps",
          "beads", "oranges", "crayons", "buttons", "postcards", "seeds", "ribbons", "toy cars"]
-PLACES = ["at the market", "in the garden", "at school", "at the beach", "in the attic", "at the library",
-          "at the fair", "in the park"]
-GOODS = [("pen", 2, 6), ("notebook", 3, 9), ("sandwich", 4, 12), ("ticket", 5, 20), ("plant", 6, 25),
-         ("kite", 7, 30), ("scarf", 8, 35), ("lamp", 12, 60), ("puzzle", 9, 40), ("mug", 3, 15)]
-
-
-# Word problems keep every operand between 2 and 99 and work each operation out column by column.
-
-def _add(rng, name, friend, item, have):
-    b = rng.randint(2, 99)
-    text = rng.choice([f"{name} buys {b} more {item}.", f"{friend} gives {name} {b} {item}.",
-                       f"Then {name} finds {b} {item} {rng.choice(PLACES)}.", f"Later, {name} gets {b} extra {item}."])
-    return text, f"{worked(have, '+', b)}.", have + b
-
-
-def _sub(rng, name, friend, item, have):
-    b = rng.randint(2, min(99, have - 2))
-    text = rng.choice([f"{name} gives {b} {item} to {friend}.", f"{name} loses {b} {item} on the way home.",
-                       f"{name} uses {b} {item} for a school project.", f"{friend} borrows {b} of the {item}."])
-    return text, f"{worked(have, '-', b)}.", have - b
-
-
-def _mul(rng, name, friend, item, have):
-    b = rng.randint(2, 5)
-    text = rng.choice([f"By the end of the month the number of {item} is {b} times as large.",
-                       f"{name} then collects enough {item} to have {b} times as many."])
-    return text, f"{worked(have, 'x', b)}.", have * b
-
-
-def _div(rng, name, friend, item, have):
-    b = rng.choice(_divisors(have))
-    text = rng.choice([f"{name} splits the {item} equally into {b} bags and keeps only one bag.",
-                       f"{name} shares the {item} equally among {b} children, {name} included, and keeps one share."])
-    return text, f"{worked(have, '/', b)}.", have // b
-
-
-def _divisors(have: int) -> list[int]:
-    """One-digit divisors that share `have` into equal parts of at least 2."""
-    return [d for d in range(2, 10) if have % d == 0 and have // d >= 2]
-
-
-def _allowed(have: int) -> list:
-    ops = [_add] if have + 2 <= 999 else []
-    if have >= 4:
-        ops.append(_sub)
-    if have <= 99:
-        ops.append(_mul)
-    if _divisors(have):
-        ops.append(_div)
-    return ops
-
-
-def _inventory(rng: random.Random, difficulty: int) -> Problem:
-    name, friend = rng.sample(NAMES, 2)
-    item = rng.choice(ITEMS)
-    have = rng.randint(2, 99)
-    story = [rng.choice([f"{name} has {have} {item}.", f"{name} starts the week with {have} {item}.",
-                         f"There are {have} {item} in {name}'s box."])]
-    lines = []
-    for _ in range(max(2, difficulty)):
-        text, line, have = rng.choice(_allowed(have))(rng, name, friend, item, have)
-        story.append(text)
-        lines.append(line)
-    question = rng.choice([f"How many {item} does {name} have now?", f"How many {item} does {name} end up with?",
-                           f"At the end, how many {item} does {name} have?"])
-    return Problem(" ".join(story + [question]), _finish(lines, have), str(have), "word_problems")
-
-
-def _plural(word: str) -> str:
-    return word + ("es" if word.endswith(("ch", "sh", "s", "x")) else "s")
-
-
-def _shopping(rng: random.Random, difficulty: int) -> Problem:
-    """Goods at a price each, then the total or the change: two operations at difficulty 2, more above."""
-    name = rng.choice(NAMES)
-    wants_change = rng.random() < 0.5
-    kinds = rng.sample(GOODS, max(1, difficulty - 1) if wants_change else max(2, difficulty))
-    parts, lines, costs = [], [], []
-    for good, low, high in kinds:
-        count = rng.randint(2, 9)
-        price = rng.randint(low, high)
-        parts.append(f"{count} {_plural(good)} at ${price} each")
-        lines.append(f"{count} {_plural(good)} cost {worked(price, 'x', count)} dollars.")
-        costs.append(price * count)
-    total = sum(costs)
-    bought = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
-    if len(costs) > 1:
-        running = costs[0]
-        for cost in costs[1:]:
-            lines.append(f"Altogether {worked(running, '+', cost)} dollars.")
-            running += cost
-    if wants_change and total < 90:
-        paid = rng.randrange(total // 10 * 10 + 10, 100, 10)
-        lines.append(f"The change from {paid} dollars is {worked(paid, '-', total)} dollars.")
-        prompt = f"{name} buys {bought}, and pays with ${paid}. How much change does {name} get, in dollars?"
-        return Problem(prompt, _finish(lines, paid - total), str(paid - total), "word_problems")
-    if len(costs) == 1:
-        return _inventory(rng, difficulty)
-    prompt = f"{name} buys {bought}. How much does {name} spend in total, in dollars?"
-    return Problem(prompt, _finish(lines, total), str(total), "word_problems")
-
-
-def word_problems(rng: random.Random, difficulty: int) -> Problem:
-    """GSM8K-style problems of `max(2, difficulty)` or more operations on operands from 2 to 99."""
-    return _inventory(rng, difficulty) if rng.random() < 0.65 else _shopping(rng, difficulty)
 
 
 ANIMALS = ["fox", "rabbit", "owl", "turtle", "cat", "dog", "bear", "duck", "mouse", "goat", "hedgehog", "otter"]
@@ -169,4 +64,4 @@ def stories(rng: random.Random, difficulty: int) -> Problem:
     return Problem(prompt, _finish([because], answer), answer, "stories")
 
 
-FAMILIES = {"word_problems": word_problems, "stories": stories}
+FAMILIES = {"stories": stories}

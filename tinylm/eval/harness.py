@@ -169,7 +169,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def score_gen(lm, tok, meta: dict, task: Task, samples: int = 1, temperature: float = 0.0, chat: bool = False,
-              seed: int = 0, batch_size: int = 16) -> dict:
+              seed: int = 0, batch_size: int = 16, log: list | None = None) -> dict:
+    """Exact match of the extracted final answers; with `log`, one row per generation is appended to it."""
     ids = special_ids(tok, meta)
     stops = [ids["eos"], ids["end"], ids["bos"]]
     pad = next((i for i in (ids["pad"], ids["eos"], 0) if i is not None))
@@ -187,7 +188,11 @@ def score_gen(lm, tok, meta: dict, task: Task, samples: int = 1, temperature: fl
         outs = generate_ids(lm, tok, prompts, cfg, stops, pad)
         for j, ex in enumerate(chunk):
             texts = [o.text for o in outs[j * samples : (j + 1) * samples]]
-            correct.append(sum(answers_match(extract_answer(t), ex.answer) for t in texts))
+            verdicts = [answers_match(extract_answer(t), ex.answer) for t in texts]
+            correct.append(sum(verdicts))
+            if log is not None:
+                log.extend({"task": task.name, "prompt": ex.prompt, "completion": t, "extracted": extract_answer(t),
+                            "expected": ex.answer, "correct": bool(v)} for t, v in zip(texts, verdicts))
     em = [c / samples for c in correct]
     metrics, stderr = {"exact_match": float(np.mean(em))}, {"exact_match": mean_stderr(em)}
     k = 1
@@ -199,8 +204,9 @@ def score_gen(lm, tok, meta: dict, task: Task, samples: int = 1, temperature: fl
 
 
 def run_tasks(lm, tok, tasks: list[Task], meta: dict | None = None, samples: int = 1, temperature: float = 0.0,
-              chat: bool = False, seed: int = 0, on_task=None) -> dict:
-    """{task name: {"kind", "metrics", "stderr", "samples"}} for a Model or a committee of them."""
+              chat: bool = False, seed: int = 0, on_task=None, log: list | None = None) -> dict:
+    """{task name: {"kind", "metrics", "stderr", "samples"}} for a Model or a committee of them; `log` collects
+    a row per generation of the generative tasks (see `score_gen`)."""
     meta = meta or {}
     scorer = Scorer(lm, tok, meta)
     results = {}
@@ -210,7 +216,7 @@ def run_tasks(lm, tok, tasks: list[Task], meta: dict | None = None, samples: int
         elif task.kind == "text":
             r = score_text(scorer, task.examples)
         else:
-            r = score_gen(lm, tok, meta, task, samples, temperature, chat, seed)
+            r = score_gen(lm, tok, meta, task, samples, temperature, chat, seed, log=log)
         results[task.name] = {"kind": task.kind, **r}
         if on_task is not None:
             on_task(task.name, results[task.name])

@@ -2,7 +2,8 @@
 
 A task is named on the command line as `KIND:PATH` (`gsm8k:data/gsm8k_test.jsonl`, `arc:ARC-Easy-test.jsonl`,
 `mc:my_choices.jsonl`, `text:held_out.txt`), as a bare path whose kind is guessed from its fields, or as the
-name of a built-in synthetic family (`arithmetic`, `word_problems`, ...). Prompts follow lm-evaluation-harness's
+name of a built-in synthetic family (`arithmetic`, `word_problems`, ...). A family with held-out phrasings
+(`word_problems`) becomes two tasks, `<family>_unseen` and `<family>_seen`. Prompts follow lm-evaluation-harness's
 zero-shot templates for the public benchmarks, so scores are comparable with its numbers.
 """
 
@@ -80,10 +81,17 @@ def gsm8k_answer(solution: str) -> str:
 
 
 def read_gsm8k(path: Path) -> list[GenExample]:
+    """GSM8K's format; its answers are matched as numbers, so an answer that is not one is refused here."""
     out = []
     for i, row in enumerate(_read_jsonl(path), 1):
         question, answer = _need(row, ("question", "answer"), f"{path}:{i}")
-        out.append(GenExample(f"Question: {question}\nAnswer:", gsm8k_answer(str(answer))))
+        gold = gsm8k_answer(str(answer))
+        try:
+            float(gold.removeprefix("$"))
+        except ValueError:
+            raise UserError(f"{path}:{i}: the answer {gold[:40]!r} is not a number (a gsm8k task matches numbers; "
+                            f"use qa:PATH for answers in words)") from None
+        out.append(GenExample(f"Question: {question}\nAnswer:", gold))
     return out
 
 
@@ -208,12 +216,23 @@ def synthetic_families() -> list[str]:
     return sorted(getattr(synthetic, "FAMILIES", {}))
 
 
-def _synthetic_task(family: str, limit: int | None, split: str = "test") -> Task:
+def _synthetic_task(family: str, limit: int | None, split: str = "test", name: str | None = None) -> Task:
     from tinylm.data import synthetic
 
     probs = synthetic.problems(family, n=limit or 200, split=split)
-    return Task(family, "gen", [GenExample(p.prompt + "\n", str(p.answer)) for p in probs],
+    return Task(name or family, "gen", [GenExample(p.prompt + "\n", str(p.answer)) for p in probs],
                 stop_strings=("\n\n",), max_tokens=256)
+
+
+def _expand(spec: str, limit: int | None) -> list[Task]:
+    """A family with held-out phrasings is scored twice, unseen phrasings first: reading, then recall."""
+    from tinylm.data import synthetic
+
+    family = spec.strip().removeprefix("synthetic:")
+    if family in getattr(synthetic, "PHRASED", ()):
+        return [_synthetic_task(family, limit, "unseen", f"{family}_unseen"),
+                _synthetic_task(family, limit, "test", f"{family}_seen")]
+    return [load_task(spec, limit)]
 
 
 def load_task(spec: str, limit: int | None = None, split: str = "test") -> Task:
@@ -250,7 +269,7 @@ def load_tasks(specs: str | list[str], limit: int | None = None) -> list[Task]:
         specs = [s for s in specs.split(",") if s.strip()]
     if not specs:
         raise UserError("no tasks given (e.g. --tasks gsm8k:data/gsm8k_test.jsonl,arithmetic)")
-    tasks = [load_task(s, limit) for s in specs]
+    tasks = [t for s in specs for t in _expand(s, limit)]
     seen: dict[str, int] = {}
     for t in tasks:
         seen[t.name] = seen.get(t.name, 0) + 1

@@ -89,8 +89,15 @@ def loss_head_memory(backend_name: str, preset: str, batch_size: int, seq_len: i
             "seconds": round(seconds, 2)}
 
 
-_CHILD = ("import json, sys; from tinylm.bench.memory import loss_head_memory as f; "
-          "print(json.dumps(f(*json.loads(sys.argv[1]))))")
+def in_fresh_process(module: str, function: str, kwargs: dict, what: str) -> dict:
+    """`module.function(**kwargs)`'s JSON row, computed in a fresh Python process (a process's peak only
+    grows); `what` names the case in the error when the child fails."""
+    code = (f"import json, sys; from {module} import {function} as f; "
+            "print(json.dumps(f(**json.loads(sys.argv[1]))))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def rows(backends=("torch", "mlx"), echo=print, preset: str = PRESET, batch_size: int = BATCH_SIZE,
@@ -99,11 +106,9 @@ def rows(backends=("torch", "mlx"), echo=print, preset: str = PRESET, batch_size
     out = []
     for name in backends:
         for chunk in chunks:
-            args = json.dumps([name, preset, batch_size, seq_len, chunk])
-            done = subprocess.run([sys.executable, "-c", _CHILD, args], capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"memory case {name} loss_chunk {chunk} failed:\n{done.stderr[-2000:]}")
-            row = json.loads(done.stdout.splitlines()[-1])
+            row = in_fresh_process(__name__, "loss_head_memory",
+                                   {"backend_name": name, "preset": preset, "batch_size": batch_size,
+                                    "seq_len": seq_len, "loss_chunk": chunk}, f"memory case {name} loss_chunk {chunk}")
             out.append(row)
             echo(f"  {row['name']} {name} loss_chunk {chunk:5d}: peak {row['peak_memory_mb']:9,.1f} MiB  "
                  f"loss {row['losses'][0]:.5f}  {row['seconds']:.1f} s")

@@ -10,16 +10,13 @@ is trained the obvious way: `LlamaForCausalLM(labels=...)`, `backward`, fused `t
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 
 import numpy as np
 
 from tinylm import model
 from tinylm.bench.generation import SHAPE, _transformers_model
-from tinylm.bench.memory import peak_memory_mb
+from tinylm.bench.memory import in_fresh_process, peak_memory_mb
 from tinylm.model import ModelConfig, resolve
 
 TRAIN_SHAPES = ((2, 256), (4, 512))
@@ -146,21 +143,13 @@ def step_memory(kind: str, backend_name: str, dtype: str = "bfloat16", config: d
             "seconds": round(time.perf_counter() - t0, 2), **sizes}
 
 
-_CHILD = ("import json, sys; from tinylm.bench.real_shape import step_memory as f; "
-          "print(json.dumps(f(**json.loads(sys.argv[1]))))")
-
-
 def memory_rows(backends=("torch",), kinds=("sft", "grpo"), echo=print, **sizes) -> list[dict]:
     """A row per backend and step kind, each measured in a fresh Python process."""
     out = []
     for name in backends:
         for kind in kinds:
-            done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps({"kind": kind, "backend_name": name,
-                                                                                **sizes})],
-                                  capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"{kind} memory case on {name} failed:\n{done.stderr[-2000:]}")
-            row = json.loads(done.stdout.splitlines()[-1])
+            row = in_fresh_process(__name__, "step_memory", {"kind": kind, "backend_name": name, **sizes},
+                                   f"{kind} memory case on {name}")
             out.append(row)
             echo(f"  {row['name']} {name} {row['dtype']}: peak {row['peak_memory_mb']:9,.1f} MiB  "
                  f"{row['seconds']:.1f} s")

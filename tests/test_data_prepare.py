@@ -87,8 +87,11 @@ def test_rerun_is_a_noop_and_changes_rebuild(tmp_path, monkeypatch):
         raise AssertionError("prepare did work on unchanged input")
 
     monkeypatch.setattr(prep, "clean_sources", fail)
+    # what a prepare killed after its last shard leaves (its pid long gone) goes even though nothing is redone
+    (root / "notes" / ".train.bin.tmp999999999").write_bytes(b"\0" * 64)
     assert prep.prepare(cfg, progress=False) == root
     assert (root / "manifest.json").stat().st_mtime_ns == stamp
+    assert not list(root.rglob("*.tmp999999999")) and not (root / ".lock").exists()
     monkeypatch.undo()
     (corpus / "notes" / "new.txt").write_text("A brand new document about a lighthouse and its patient keeper.")
     prep.prepare(cfg, progress=False)

@@ -20,7 +20,9 @@ from test_trainer import _losses, _recipe as train_recipe
 
 from tinylm.train import checkpoint
 
-STEPS = 30
+STEPS = 200
+"""Far more steps than the six interrupted attempts can reach even on a fast machine, where a micro model's step
+takes a few milliseconds and dozens of them fit between a metric row being seen and the signal arriving."""
 DOCS = 5000
 """Documents per source of the prepare that Ctrl-C interrupts: enough for a few seconds of cleaning."""
 
@@ -63,7 +65,8 @@ def _signal_at_random(cmd, out, rng: random.Random, signum: int, twice: bool) ->
 @pytest.mark.slow
 def test_sigterm_and_sigint_save_the_step_and_resume_exactly(tmp_path, prepared):
     recipe = train_recipe(tmp_path, prepared, steps=STEPS, extra="")
-    recipe.write_text(recipe.read_text().replace("ckpt_every = 4", "ckpt_every = 5"))
+    recipe.write_text(recipe.read_text().replace("ckpt_every = 4", "ckpt_every = 5").replace("eval_every = 4",
+                                                                                            "eval_every = 50"))
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     base = ["train", recipe, "--backend", "torch", "--quiet"]
     assert run_cli([*base, "--out", full], cwd=ROOT).returncode == 0

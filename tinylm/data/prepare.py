@@ -308,12 +308,24 @@ def prepare(cfg: DataConfig, *, force: bool = False, progress: bool = True, work
     root = data_dir(cfg)
     fingerprint = input_fingerprint(cfg, sources)
     if not force and is_up_to_date(cfg):
+        _sweep_leftovers(root)
         return root
     with FolderLock(root, "prepared data folder"):
         if force or not is_up_to_date(cfg):  # another prepare may have finished it just before the lock
             remove_temporaries(root)
             _prepare(cfg, sources, root, fingerprint, progress, workers)
     return root
+
+
+def _sweep_leftovers(root: Path) -> None:
+    """Remove what a killed prepare left behind even when nothing needs preparing, so that a kill after the
+    last shard was written leaves no debris either. A folder another process holds, or one this process may
+    not write (prepared data shared read-only), is left alone."""
+    try:
+        with FolderLock(root, "prepared data folder"):
+            remove_temporaries(root)
+    except (UserError, OSError):
+        pass
 
 
 def _prepare(cfg: DataConfig, sources: list[SourceConfig], root: Path, fingerprint: str, progress: bool,

@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The compute dtypes a recipe may name, as torch's."""
+
 
 @torch.library.custom_op("tinylm::rope_tables", mutates_args=())
 def rope_tables(positions: torch.Tensor, dim: int, theta: float,

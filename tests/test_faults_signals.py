@@ -111,7 +111,7 @@ def _second_writers(live, recipe):
 
 @pytest.mark.slow
 def test_a_second_writer_on_a_live_run_is_refused_and_changes_nothing(tmp_path, prepared):
-    steps = 40
+    steps = 400  # the three refusals each start a process: ten times what the run needs to outlive them here
     recipe = train_recipe(tmp_path, prepared, steps=steps)
     full, live = tmp_path / "full", tmp_path / "live"
     assert run_cli(["run", recipe, "--backend", "torch", "--quiet", "--out", full], cwd=ROOT).returncode == 0

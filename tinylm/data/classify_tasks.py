@@ -260,9 +260,9 @@ def mark_entities(tokens: list[str], head: list[int], tail: list[int]) -> str:
     """The sentence with the head entity's tokens between [E1] and [/E1] and the tail's between [E2] and [/E2]."""
     opens: dict[int, list[str]] = defaultdict(list)
     closes: dict[int, list[str]] = defaultdict(list)
-    for (start, end), (o, c) in (((min(head), max(head)), ENTITY_MARKS[:2]), ((min(tail), max(tail)), ENTITY_MARKS[2:])):
-        opens[start].append(o)
-        closes[end].append(c)
+    for span, (o, c) in ((head, ENTITY_MARKS[:2]), (tail, ENTITY_MARKS[2:])):
+        opens[min(span)].append(o)
+        closes[max(span)].append(c)
     out = []
     for i, token in enumerate(tokens):
         out += opens.get(i, []) + [token] + closes.get(i, [])

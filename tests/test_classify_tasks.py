@@ -61,7 +61,7 @@ def test_bad_rows_name_the_file_and_line(tmp_path, row, cause):
     path = write_jsonl(tmp_path / "task.jsonl", labelled_rows(2) + [row])
     with pytest.raises(UserError, match=cause) as e:
         load_task(str(path))
-    assert f"{path} line 7" in str(e.value) and "\n" not in str(e.value)
+    assert f"{path}' line 7" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_bad_files(tmp_path):

@@ -178,6 +178,12 @@ def _existing(spec: str, path: str) -> Path:
     return p
 
 
+def _in(spec: str, path: Path) -> str:
+    """Where an error lies: the task, and the file when the spec does not already name it."""
+    named = parse_spec(spec)[1]
+    return f"task {spec!r}" if named and Path(named).expanduser() == path else f"task {spec!r}: {path}"
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
@@ -196,8 +202,8 @@ def _read_jsonl(path: Path, spec: str, classes=None) -> list[tuple[str, str]]:
     rows = []
     try:
         with open(path, encoding="utf-8") as fh:
-            for lineno, rec in iter_records(fh, f"task {spec!r}: {path}"):
-                where = f"task {spec!r}: {path} line {lineno}"
+            for lineno, rec in iter_records(fh, f"{_in(spec, path)}"):
+                where = f"{_in(spec, path)} line {lineno}"
                 if not isinstance(rec, dict):
                     raise UserError(f"{where} is not a JSON object")
                 for key in ("text", "label"):
@@ -218,7 +224,7 @@ def _classes(path: Path, spec: str) -> list[str]:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"task {spec!r}: cannot read {path}: {_one_line(e)}") from None
     if len(set(names)) != len(names):
-        raise UserError(f"task {spec!r}: {path} names a class twice")
+        raise UserError(f"{_in(spec, path)} names a class twice")
     return names
 
 
@@ -229,7 +235,7 @@ def _read_news_csv(path: Path, spec: str, classes: list[str] | None) -> list[tup
             for lineno, row in enumerate(csv.reader(fh), 1):
                 if not row or not any(cell.strip() for cell in row):
                     continue
-                where = f"task {spec!r}: {path} line {lineno}"
+                where = f"{_in(spec, path)} line {lineno}"
                 if len(row) < 2:
                     raise UserError(f"{where} has {len(row)} column; expected the class index, a title and a text")
                 # The files write line breaks inside a text as a backslash and an `n`, or a lone backslash.
@@ -238,9 +244,9 @@ def _read_news_csv(path: Path, spec: str, classes: list[str] | None) -> list[tup
                     raise UserError(f"{where} has an empty text")
                 rows.append((text, _class_name(row[0].strip(), classes, where)))
     except csv.Error as e:
-        raise UserError(f"task {spec!r}: {path} is not a readable CSV file ({_one_line(e)})") from None
+        raise UserError(f"{_in(spec, path)} is not a readable CSV file ({_one_line(e)})") from None
     except UnicodeDecodeError as e:
-        raise UserError(f"task {spec!r}: {path} is not UTF-8 text ({e.reason})") from None
+        raise UserError(f"{_in(spec, path)} is not UTF-8 text ({e.reason})") from None
     except OSError as e:
         raise UserError(f"task {spec!r}: cannot read {path}: {_one_line(e)}") from None
     return rows
@@ -286,13 +292,13 @@ def _read_fewrel(path: Path, spec: str, classes=None) -> list[tuple[str, str]]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"task {spec!r}: cannot read {path} as JSON: {_one_line(e)}") from None
     if not isinstance(data, dict):
-        raise UserError(f"task {spec!r}: {path} must map each relation to a list of instances")
+        raise UserError(f"{_in(spec, path)} must map each relation to a list of instances")
     rows = []
     for relation, instances in data.items():
         if not isinstance(instances, list):
-            raise UserError(f"task {spec!r}: {path} relation {relation!r} is not a list of instances")
+            raise UserError(f"{_in(spec, path)} relation {relation!r} is not a list of instances")
         for n, inst in enumerate(instances):
-            where = f"task {spec!r}: {path} relation {relation!r} instance {n}"
+            where = f"{_in(spec, path)} relation {relation!r} instance {n}"
             if not isinstance(inst, dict) or not all(k in inst for k in ("tokens", "h", "t")):
                 raise UserError(f"{where} needs `tokens`, `h` and `t`")
             tokens = inst["tokens"]
@@ -343,7 +349,7 @@ def _speeches(path: Path, spec: str) -> list[tuple[str, str]]:
     top = {who for who, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:SPEAKERS]}
     rows = [(body, who) for body, who in unique if who in top]
     if len(top) < 2:
-        raise UserError(f"task {spec!r}: {path} has speeches (a `NAME:` line, then the speech) of "
+        raise UserError(f"{_in(spec, path)} has speeches (a `NAME:` line, then the speech) of "
                         f"{len(top)} speaker(s); the task needs at least two")
     return rows
 

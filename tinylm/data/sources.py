@@ -104,7 +104,10 @@ class HeldOut:
     def __init__(self, src: SourceConfig):
         from tinylm.data.classify_tasks import load_task
 
-        task = load_task(src.held_out, seed=src.seed)
+        try:
+            task = load_task(src.held_out, seed=src.seed)
+        except UserError as e:
+            raise UserError(f"data source {src.name!r}: held_out: {e}") from None
         self.texts = sorted({_squeeze(t) for t in task.texts("test")})
 
     def holds(self, text: str) -> bool:

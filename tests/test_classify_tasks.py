@@ -106,6 +106,18 @@ def test_too_few_rows(tmp_path):
         load_task(str(empty))
 
 
+def test_rows_per_class_sample_the_splits(tmp_path):
+    path = write_jsonl(tmp_path / "task.jsonl", labelled_rows(12))
+    full = load_task(str(path), test_fraction=0.5)
+    capped = load_task(str(path), test_fraction=0.5, train_per_class=4, test_per_class=2)
+    assert Counter(label for _, label in capped.train) == {"sport": 4, "news": 4, "music": 4}
+    assert Counter(label for _, label in capped.test) == {"sport": 2, "news": 2, "music": 2}
+    assert set(capped.train) <= set(full.train) and set(capped.test) <= set(full.test)
+    assert load_task(str(path), test_fraction=0.5, train_per_class=100) == full
+    with pytest.raises(UserError, match="rows per class"):
+        load_task(str(path), test_per_class=-1)
+
+
 def test_split_keeps_file_order():
     rows = [(f"text {i}", "ab"[i % 2]) for i in range(20)]
     train, test = split_rows(rows, 0.3, seed=3)

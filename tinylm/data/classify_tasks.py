@@ -112,28 +112,50 @@ def task_files(spec: str, root: Path | None = None) -> list[Path]:
     return found
 
 
-def load_task(spec: str, root: Path | None = None, seed: int = 0,
-              test_fraction: float = DEFAULT_TEST_FRACTION) -> ClassifyTask:
+def load_task(spec: str, root: Path | None = None, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION,
+              train_per_class: int = 0, test_per_class: int = 0) -> ClassifyTask:
     """The task named by `spec` (see the module docstring). `root` is the tinylm checkout beside which
     `shared/data` holds the built-in data (default: this checkout); `seed` and `test_fraction` set the split of
-    a task that is not already split (the built-in ones included)."""
+    a task that is not already split (the built-in ones included). `train_per_class` and `test_per_class`, when
+    set, keep a seeded sample of at most that many rows of each label in each split (the paper's AG News takes
+    1,000 and 1,000); they sample the split, never change it, so a capped test split is part of the full one."""
     if not 0 < test_fraction < 1:
         raise UserError(f"task {spec!r}: the test fraction must be between 0 and 1, got {test_fraction}")
+    if train_per_class < 0 or test_per_class < 0:
+        raise UserError(f"task {spec!r}: rows per class must be 0 (all) or more, got "
+                        f"{train_per_class} and {test_per_class}")
+    train, test = _splits(spec, root, seed, test_fraction)
+    return _finish(spec, cap_per_class(train, train_per_class, seed), cap_per_class(test, test_per_class, seed))
+
+
+def _splits(spec: str, root: Path | None, seed: int, test_fraction: float):
     kind, path = parse_spec(spec)
     if kind == "synthetic":
         if path:
             raise UserError(f"task {spec!r}: the synthetic task takes no path")
-        return _finish(spec, *_synthetic(seed))
+        return _synthetic(seed)
     if kind == "shakespeare-speakers":
-        rows = _speeches(_shakespeare_path(path, root), spec)
-        return _finish(spec, *split_rows(rows, test_fraction, seed, spec))
+        return split_rows(_speeches(_shakespeare_path(path, root), spec), test_fraction, seed, spec)
     files = task_files(spec, root)
     read = {"jsonl": _read_jsonl, "agnews": _read_news_csv, "dbpedia": _read_news_csv, "fewrel": _read_fewrel}[kind]
     classes = _classes(files.pop(), spec) if files[-1].name == "classes.txt" else None
     splits = [read(f, spec, classes) for f in files]
-    if len(splits) == 1:
-        return _finish(spec, *split_rows(splits[0], test_fraction, seed, spec))
-    return _finish(spec, *splits)
+    return split_rows(splits[0], test_fraction, seed, spec) if len(splits) == 1 else tuple(splits)
+
+
+def cap_per_class(rows: list[tuple[str, str]], most: int, seed: int) -> list[tuple[str, str]]:
+    """At most `most` rows of each label (0: all), a seeded sample, in their order."""
+    if not most:
+        return rows
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for i, (_, label) in enumerate(rows):
+        by_label[label].append(i)
+    rng = random.Random(f"tinylm/classify-cap/{seed}")
+    kept = set()
+    for label in sorted(by_label):
+        ids = by_label[label]
+        kept.update(rng.sample(ids, most) if len(ids) > most else ids)
+    return [r for i, r in enumerate(rows) if i in kept]
 
 
 def split_rows(rows: list[tuple[str, str]], test_fraction: float, seed: int,

@@ -103,3 +103,16 @@ def test_a_tokenizer_without_the_mask_token_is_refused():
     older.add_special_tokens(SPECIAL_TOKENS[:-1])
     with pytest.raises(UserError, match=r"has no <\|mask\|> token.*prepare the data again"):
         mask_id(older, "data/prepared/tokenizer.json")
+
+
+def test_token_overlap_counts_the_task_ngrams_found_in_the_text():
+    from tinylm.data.overlap import token_overlap
+
+    docs = ["The quick brown fox.", "It jumps over the lazy dog"]
+    assert token_overlap(["the fox jumps"], docs) == 1.0
+    assert token_overlap(["the fox jumps", "a red fox"], docs) == pytest.approx(4 / 6)
+    assert token_overlap(["quick brown fox", "fox it"], docs, n=2) == pytest.approx(2 / 3)  # "fox it" spans two docs
+    assert token_overlap(["Qa"], docs, tokenize=list) == 0.5  # no capital Q in the documents
+    assert token_overlap([], docs) == 0.0
+    with pytest.raises(ValueError):
+        token_overlap(["x"], docs, n=0)

@@ -130,6 +130,12 @@ def malformed_jsonl(w: World, tmp: Path) -> Path:
     return text_source_recipe(tmp, f'type = "jsonl"\npath = "{write(tmp / "docs.jsonl", lines)}"')
 
 
+def held_out_unlabelled(w: World, tmp: Path) -> Path:
+    rows = '{"text": "a first labelled row", "label": "a"}\n{"text": "a row with no label"}\n'
+    book = write(tmp / "book.txt", "A book of a few words.\n\nAnd a second paragraph of it.\n")
+    return text_source_recipe(tmp, f'type = "text"\npath = "{book}"\nheld_out = "{write(tmp / "task.jsonl", rows)}"')
+
+
 def no_validation_split(w: World, tmp: Path) -> Path:
     story = " ".join(f"river{i % 89} stone {i}" for i in range(300))  # one document, no repeated phrases
     return text_source_recipe(tmp, f'type = "text"\npath = "{write(tmp / "one.txt", story)}"')
@@ -239,6 +245,8 @@ CASES = [
     # Data.
     Case("missing_data", lambda w, t: ["data", "prepare", missing_source(w, t)], "no-such-book.txt"),
     Case("malformed_jsonl_line", lambda w, t: ["data", "prepare", malformed_jsonl(w, t)], "docs.jsonl line 2"),
+    Case("held_out_task_without_label", lambda w, t: ["data", "prepare", held_out_unlabelled(w, t)],
+         "task.jsonl' line 2 has no 'label' field"),
     Case("no_validation_documents", lambda w, t: ["train", no_validation_split(w, t), "--backend", "torch",
                                                   "--out", t / "new", "--quiet"], "validation",
          assert_absent("new/checkpoints"), slow=True),

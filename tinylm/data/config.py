@@ -67,6 +67,17 @@ class SourceConfig:
     max_docs: int = 0
     """Read at most this many documents (before cleaning); 0 reads all."""
 
+    shuffle: bool = False
+    """Shuffle the documents (seeded by `seed`) before `max_docs` takes the first ones, so that a smaller set
+    is a sample of the whole source rather than its beginning."""
+
+    held_out: str = ""
+    """A classification task (a spec of `tinylm.data.classify_tasks`, e.g. `shakespeare-speakers`) whose test
+    texts are left out of this source: every blank-line block of a `text` source, or every document of the
+    other types, that contains one of them (whitespace aside) is dropped, so that pretraining never sees the
+    texts a fine-tuned model is scored on. The task is split with this source's `seed` and the default test
+    fraction, which must be what the task is evaluated with."""
+
     generator: str = ""
     """Synthetic generator: arithmetic, word_problems, counting, comparison, sorting, units or stories."""
 
@@ -81,7 +92,8 @@ class SourceConfig:
     Chat documents are tokenized with the role markers of `tinylm.data.tokenizer`."""
 
     seed: int = 0
-    """Seed of a synthetic generator; the same seed always gives the same documents."""
+    """Seed of a synthetic generator, of `shuffle` and of the `held_out` task's split; the same seed always gives
+    the same documents."""
 
     quality: Optional[bool] = None
     """Apply the Gopher-style quality filters of `[data.clean]`; unset means on for every type except

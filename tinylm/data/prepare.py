@@ -34,7 +34,7 @@ from tinylm.errors import UserError
 from tinylm.interrupt import worker_signals
 from tinylm.lock import FolderLock
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bumped whenever prepare's output changes for the same input, so old data directories are rebuilt."""
 
 DEFAULT_DIR = "data/prepared"

@@ -11,6 +11,7 @@ import glob
 import gzip
 import io
 import os
+import random
 import re
 from pathlib import Path
 from typing import Iterator, Union
@@ -85,7 +86,34 @@ def signature(src: SourceConfig) -> list:
         out.append([str(f), st.st_size, st.st_mtime_ns])
     if src.type == "synthetic":
         out.append(["synthetic-version", synthetic.VERSION])
+    if src.held_out:
+        from tinylm.data import classify_tasks
+
+        out.append(["held-out", classify_tasks.VERSION] +
+                   [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in classify_tasks.task_files(src.held_out)])
     return out
+
+
+def _squeeze(text: str) -> str:
+    return " ".join(text.split())
+
+
+class HeldOut:
+    """The test texts of a source's `held_out` task; `holds(text)` says whether a text contains one of them."""
+
+    def __init__(self, src: SourceConfig):
+        from tinylm.data.classify_tasks import load_task
+
+        task = load_task(src.held_out, seed=src.seed)
+        self.texts = sorted({_squeeze(t) for t in task.texts("test")})
+
+    def holds(self, text: str) -> bool:
+        flat = _squeeze(text)
+        return any(t in flat for t in self.texts)
+
+    def keep_blocks(self, text: str) -> str:
+        """`text` without the blank-line blocks that hold a test text."""
+        return "\n\n".join(b for b in re.split(r"\n\s*\n", text) if not self.holds(b))
 
 
 def split_long(text: str, limit: int) -> list[str]:
@@ -123,6 +151,7 @@ def _chunks(text: str, size: int) -> list[str]:
 
 
 def _read_text(src: SourceConfig) -> Iterator[Record]:
+    held_out = HeldOut(src) if src.held_out else None
     for f in input_files(src):
         try:
             text = f.read_text(encoding="utf-8")
@@ -130,6 +159,9 @@ def _read_text(src: SourceConfig) -> Iterator[Record]:
             raise UserError(f"data source {src.name!r}: {f} is not UTF-8 text ({_one_line(e)})") from None
         except OSError as e:
             raise UserError(f"data source {src.name!r}: cannot read {f}: {_one_line(e)}") from None
+        if held_out is not None:
+            # Before chunking, so that a chunk never carries a held-out speech along with its neighbours.
+            text = held_out.keep_blocks(text)
         for piece in _chunks(text, src.chunk_chars):
             yield piece, str(f)
 
@@ -244,7 +276,11 @@ def records(src: SourceConfig, as_chat: bool = False) -> Iterator[Record]:
     """The records of a source, at most `max_docs`: strings, or chat message lists for chat records (and, when
     `as_chat`, for prompt/completion pairs and synthetic problems too)."""
     validate_source(src)
-    for i, (raw, where) in enumerate(_READERS[src.type](src)):
+    read = _READERS[src.type](src)
+    if src.shuffle:
+        read = list(read)
+        random.Random(f"tinylm/source-shuffle/{src.seed}").shuffle(read)
+    for i, (raw, where) in enumerate(read):
         if src.max_docs and i >= src.max_docs:
             return
         if isinstance(raw, str):
@@ -257,12 +293,16 @@ def records(src: SourceConfig, as_chat: bool = False) -> Iterator[Record]:
 
 def documents(src: SourceConfig) -> list[str]:
     """The source's documents as text for pretraining; chat records are rendered with role markers."""
+    # A text source drops held-out blocks as it reads; the others drop whole documents here.
+    held_out = HeldOut(src) if src.held_out and src.type != "text" else None
     out = []
     for rec in records(src):
         try:
             text = rec if isinstance(rec, str) else render_chat(rec)
         except ValueError as e:
             raise UserError(f"data source {src.name!r}: {_one_line(e)}") from None
+        if held_out is not None and held_out.holds(text):
+            continue
         out.extend(split_long(text, MAX_DOC_CHARS))
     return out
 

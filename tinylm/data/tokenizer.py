@@ -23,8 +23,11 @@ SYSTEM = "<|system|>"
 USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
 END = "<|end|>"
-SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END]
-"""In id order: a trained tokenizer gives BOS id 0, EOS 1, PAD 2, and so on."""
+MASK = "<|mask|>"
+"""Masked-language pretraining replaces selected tokens with this one (BERT's [MASK])."""
+SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END, MASK]
+"""In id order: a trained tokenizer gives BOS id 0, EOS 1, PAD 2, and so on. New tokens go at the end, so the
+ids of the older ones stay what they were in tokenizers trained before."""
 
 ROLE_MARKERS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
@@ -113,6 +116,15 @@ def require_special(tok, token: str, where: str) -> int:
     if tid is None:
         raise UserError(f"{where} has no {token} token; name its document tokens with data.tokenizer.bos_token "
                         "and data.tokenizer.eos_token")
+    return tid
+
+
+def mask_id(tok, where: str = "the tokenizer") -> int:
+    """The id of `MASK`; a `UserError` for a tokenizer without one (trained before it was added, or imported)."""
+    tid = tok.token_to_id(MASK)
+    if tid is None:
+        raise UserError(f"{where} has no {MASK} token, which masked-language pretraining needs; prepare the data "
+                        "again so that a tokenizer is trained with it")
     return tid
 
 

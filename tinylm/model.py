@@ -58,6 +58,8 @@ class ModelConfig:
     """Standard deviation of the normal initialization; output projections get it / sqrt(2 * depth)."""
     causal: Optional[bool] = None
     """Causal (decoder) attention; false makes a bidirectional encoder (BERT-style, for the `mlm` objective)."""
+    num_labels: Optional[int] = None
+    """Outputs of the classification head (0: none); a `classify` stage sets it from its task's labels."""
 
     def __post_init__(self):
         _check_sizes(self)

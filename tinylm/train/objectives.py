@@ -77,10 +77,14 @@ def mlm_batch(tokens, vocab_size: int, mask_id: int, special_ids, seed: int, ste
     return {"inputs": inputs, "targets": tokens, "weights": weights}
 
 
-def mlm(ops, params, batch, shape, compute=PLAIN):
-    """Masked-language cross-entropy on the positions `mlm_batch` selected; the model must be bidirectional."""
+def check_mlm(shape) -> None:
     if shape.causal:
         raise UserError("objective mlm needs a bidirectional model: set model.causal = false (or a tlm-bert preset)")
+
+
+def mlm(ops, params, batch, shape, compute=PLAIN):
+    """Masked-language cross-entropy on the positions `mlm_batch` selected; the model must be bidirectional."""
+    check_mlm(shape)
     return sft(ops, params, batch, shape, compute)
 
 

@@ -1,5 +1,7 @@
 """Bidirectional encoders and BERT masking: the switch, the masking's rules and seeding, torch/MLX parity."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -76,3 +78,66 @@ def test_mlm_loss_and_gradients_agree_between_torch_and_mlx():
     for k in gt:
         rel = np.abs(gt[k] - gm[k]).max() / (np.abs(gt[k]).max() + 1e-12)
         assert rel < 1e-4, (k, rel)
+
+
+def _classify_batch(shape, seed=2):
+    rng = np.random.default_rng(seed)
+    rows = [list(rng.integers(4, shape.vocab_size, n)) for n in (5, 12, 9, 3)]
+    return objectives.classify_batch(rows, pad_id=2, causal=shape.causal, width=16, labels=[0, 2, 1, 2])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_classify_loss_and_gradients_agree_between_torch_and_mlx(causal):
+    pytest.importorskip("torch")
+    pytest.importorskip("mlx.core")
+    from tinylm.backends import get_backend
+    from tinylm.train.optim import OptimConfig
+    from tinylm.train.step import TrainModule
+
+    shape = dataclasses.replace(resolve(ModelConfig(preset="tlm-bert-mini", n_layers=2, vocab_size=512,
+                                                    causal=causal)), num_labels=3)
+    weights = model.init_params(shape, 0)
+    batch = _classify_batch(shape)
+    out = {}
+    for name in ("torch", "mlx"):
+        b = get_backend(name)
+        loss, grads = TrainModule(b, shape, OptimConfig(), objective=objectives.classify).loss_and_grads(
+            b.from_numpy(weights), [batch])
+        out[name] = (b.item(loss), b.to_numpy(grads))
+    (st, gt), (sm, gm) = out["torch"], out["mlx"]
+    assert abs(st - np.log(3)) < 0.3  # a fresh head is close to uniform
+    assert abs(st - sm) < 1e-4
+    assert np.abs(gt["classifier.weight"]).max() > 0
+    for k in gt:
+        rel = np.abs(gt[k] - gm[k]).max() / (np.abs(gt[k]).max() + 1e-12)
+        assert rel < 1e-4, (k, rel)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_classify_logits_ignore_padding(causal):
+    torch_backend = pytest.importorskip("tinylm.backends").get_backend("torch")
+    shape = dataclasses.replace(resolve(ModelConfig(preset="micro", causal=causal)), num_labels=4)
+    params = torch_backend.from_numpy(model.init_params(shape, 0))
+    row = list(np.random.default_rng(3).integers(4, shape.vocab_size, 7))
+
+    def logits(width, pad):
+        batch = objectives.classify_batch([row], pad_id=pad, causal=causal, width=width)
+        batch = {k: torch_backend.tokens(v) if k == "inputs" else torch_backend.from_numpy({k: v})[k]
+                 for k, v in batch.items()}
+        return torch_backend.to_numpy({"x": model.class_logits(torch_backend.ops, params, batch, shape)})["x"]
+
+    alone, padded = logits(7, 2), logits(20, 5)
+    assert np.abs(alone - padded).max() < 1e-5
+    other = list(row)
+    other[-1] = (other[-1] + 1) % shape.vocab_size  # the last token counts: pooling reads every position
+    batch = objectives.classify_batch([other], pad_id=2, causal=causal)
+    batch = {k: torch_backend.tokens(v) if k == "inputs" else torch_backend.from_numpy({k: v})[k]
+             for k, v in batch.items()}
+    changed = torch_backend.to_numpy({"x": model.class_logits(torch_backend.ops, params, batch, shape)})["x"]
+    assert np.abs(changed - alone).max() > 1e-6
+
+
+def test_classify_without_labels_is_refused():
+    shape = resolve(ModelConfig(preset="tlm-bert-mini"))
+    with pytest.raises(UserError, match="needs labels"):
+        objectives.classify(None, {}, {}, shape)

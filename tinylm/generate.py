@@ -88,6 +88,24 @@ class Model:
         nll = ops.cross_entropy(logits, self.backend.tokens(rows[:, 1:]))
         return -self.backend.to_numpy({"x": nll})["x"].astype(np.float64)
 
+    def class_logprobs(self, rows: list[list[int]], pad: int, batch_rows: int = 64) -> np.ndarray:
+        """Token-id rows (any lengths) -> log-probability of each class of the head, (rows, num_labels)."""
+        from tinylm.train.objectives import classify_batch
+
+        if not self.shape.num_labels:
+            raise UserError("the model has no classification head: fine-tune it with a classify stage first")
+        ops, out = self.backend.ops, np.zeros((len(rows), self.shape.num_labels))
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # rows of like length pad little
+        for start in range(0, len(order), batch_rows):
+            chunk = order[start:start + batch_rows]
+            batch = classify_batch([rows[i] for i in chunk], pad, self.shape.causal)
+            arrays = {"inputs": self.backend.tokens(batch["inputs"]),
+                      **self.backend.from_numpy({k: batch[k] for k in ("mask", "pool")})}
+            logits = model.class_logits(ops, self.params, arrays, self.shape)
+            lp = ops.log_softmax(logits if self.dtype == "float32" else ops.cast(logits, "float32"))
+            out[chunk] = self.backend.to_numpy({"x": lp})["x"]
+        return out
+
     def start(self, tokens: np.ndarray, keep: np.ndarray | None):
         """Prefill a (batch, time) prompt; `keep` is False at padding. Returns (log-probs (batch, vocab), state)."""
         logits, cache = self._run(tokens, [], self._mask(keep, tokens.shape[1]))

@@ -58,6 +58,8 @@ class ModelConfig:
     """Standard deviation of the normal initialization; output projections get it / sqrt(2 * depth)."""
     causal: Optional[bool] = None
     """Causal (decoder) attention; false makes a bidirectional encoder (BERT-style, for the `mlm` objective)."""
+    num_labels: Optional[int] = None
+    """Outputs of the classification head (0: none); a `classify` stage sets it from its task's labels."""
 
     def __post_init__(self):
         _check_sizes(self)
@@ -81,6 +83,8 @@ class ModelShape:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     causal: bool = True
+    num_labels: int = 0
+    """Classes of the classification head (`classifier.weight`); 0: no head."""
 
     @property
     def head_dim(self) -> int:
@@ -168,6 +172,8 @@ def param_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
     out["norm.weight"] = (d,)
     if not shape.tie_embeddings:
         out["lm_head.weight"] = (shape.vocab_size, d)
+    if shape.num_labels:  # drawn last, so a model with a head starts from the same body as one without
+        out["classifier.weight"] = (shape.num_labels, d)
     return out
 
 
@@ -372,6 +378,18 @@ def per_token(ops, params, inputs, shape: ModelShape, compute: Compute, fn, arra
     hidden = hidden_states(ops, params, inputs, shape, mask=mask, positions=positions,
                            checkpoint=compute.checkpoint_blocks)
     return chunked_head(ops, hidden, output_head(params, shape), compute.loss_chunk, fn, arrays)
+
+
+def class_logits(ops, params, batch, shape: ModelShape, compute: Compute = Compute()):
+    """(batch, num_labels) logits of the classification head on each row's mean final hidden state over its
+    tokens. Mean pooling needs no special token and reads a decoder's rows as well as an encoder's. `batch`
+    holds `inputs` (batch, time), `mask` (attention that skips padding) and `pool` (batch, time) weights,
+    1 / length on a row's tokens, 0 on padding (see `objectives.classify_batch`)."""
+    params = cast_params(ops, params, compute.dtype)
+    hidden = hidden_states(ops, params, batch["inputs"], shape, mask=batch["mask"],
+                           checkpoint=compute.checkpoint_blocks)
+    pooled = (hidden * ops.cast(batch["pool"], compute.dtype)[:, :, None]).sum(axis=1)
+    return ops.linear(pooled, params["classifier.weight"])
 
 
 def token_losses(ops, params, inputs, targets, shape: ModelShape, compute: Compute = Compute(), mask="causal",

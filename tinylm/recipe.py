@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tinylm import config
+from tinylm.post.classify import ClassifyConfig
 from tinylm.post.coevolve import CoevolveConfig
 from tinylm.data.config import DataConfig
 from tinylm.post.dpo import DPOConfig
@@ -106,12 +107,16 @@ class EvalConfig:
     """Steps between task evaluations; 0 evaluates only after the last step."""
     limit: int = 50
     """Examples per task (0 for all)."""
+    committee: list[str] = field(default_factory=list)
+    """Earlier stages whose final models join this stage's in a soft committee (their class or next-token
+    probabilities averaged), scored on the same tasks after the last step as `committee:<task>`."""
 
     def __post_init__(self):
         config.at_least(self, 0, "every limit")
 
 
-SECTIONS = ("model", "data", "train", "optim", "schedule", "eval", "sft", "distill", "grpo", "dpo", "coevolve")
+SECTIONS = ("model", "data", "train", "optim", "schedule", "eval", "sft", "distill", "grpo", "dpo", "coevolve",
+            "classify")
 """The recipe sections a stage may override."""
 
 
@@ -128,9 +133,15 @@ class StageConfig:
     """Stage name: its folder under the run directory and the name `--stage` takes."""
     objective: str = "lm"
     """`lm` (next-token pretraining and mid-training), `sft` (assistant tokens of packed conversations),
-    `grpo` (RL with verifiable rewards, `[stages.grpo]`) or `dpo` (preference pairs, `[stages.dpo]`).
+    `grpo` (RL with verifiable rewards, `[stages.grpo]`), `dpo` (preference pairs, `[stages.dpo]`), `mlm`
+    (BERT's masked-language pretraining of a `model.causal = false` encoder) or `classify` (a classification
+    head fine-tuned on `[stages.classify] task`).
     A `[stages.distill]` teacher adds logit distillation to `lm` or `sft`; `[stages.coevolve]` rounds make an
     `lm` stage score and select its own data with the model it trains."""
+    start: str = ""
+    """Where the stage's weights come from: empty, the final weights of the stage before it; the name of an
+    earlier stage, that stage's final weights; `scratch`, fresh weights of the stage's `[model]` (seeded by
+    `train.seed`). `train.init_from` overrides all three."""
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
@@ -142,6 +153,7 @@ class StageConfig:
     grpo: dict[str, Any] = field(default_factory=dict)
     dpo: dict[str, Any] = field(default_factory=dict)
     coevolve: dict[str, Any] = field(default_factory=dict)
+    classify: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
@@ -149,6 +161,18 @@ class StageConfig:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"stage {self.name!r}: unknown objective {self.objective!r} "
                              f"(known: {', '.join(OBJECTIVES)})")
+
+
+@dataclass
+class CompareConfig:
+    """One `[[compare]]` row of the run report: stage `a`'s final score on its first task against stage `b`'s."""
+
+    name: str = ""
+    """What the row compares (e.g. "pretrained vs from scratch, BERT-6, small set")."""
+    a: str = ""
+    """A stage name; `NAME+committee` takes the committee that stage's `eval.committee` formed."""
+    b: str = ""
+    """The stage (or `NAME+committee`) it is compared with."""
 
 
 @dataclass
@@ -173,6 +197,10 @@ class Recipe:
     """Preference pairs for `dpo` stages."""
     coevolve: CoevolveConfig = field(default_factory=CoevolveConfig)
     """Data-model co-evolution rounds for `lm` (mid-training) stages."""
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    """The classification task of `classify` stages (usually set per stage)."""
+    compare: list[CompareConfig] = field(default_factory=list)
+    """Pairs of stages whose final classification scores the run report sets side by side."""
     stages: list[StageConfig] = field(default_factory=list)
     """The stages in order. Empty: the recipe is one pretraining stage that writes to the run directory itself."""
     source: str = ""
@@ -194,7 +222,8 @@ class Stage:
     out: Path
     """The stage's folder: metrics, checkpoints."""
     previous: Optional[Path]
-    """The folder of the stage before it, whose final weights it starts from (None for the first)."""
+    """The folder of the stage whose final weights it starts from: the one before it unless its `start`
+    names another (None for the first and for a `start = "scratch"` stage)."""
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -215,11 +244,28 @@ def resolve_stages(recipe: Recipe, out: str | Path | None = None) -> list[Stage]
     for i, stage in enumerate(recipe.stages):
         if stage.name in seen:
             raise UserError(f"{recipe.source}: stage {stage.name!r} appears twice")
-        seen.add(stage.name)
         merged = _merge(base, {k: getattr(stage, k) for k in SECTIONS if getattr(stage, k)})
         stage_recipe = config.from_dict(Recipe, merged, f"{recipe.source} (stage {stage.name!r})")
-        resolved.append(Stage(stage.name, i, stage.objective, stage_recipe, root / stage.name, previous))
+        for name in stage_recipe.eval.committee:
+            if name not in seen:
+                raise UserError(f"{recipe.source}: stage {stage.name!r}: eval.committee names {name!r}, which is "
+                                f"not a stage before it")
+        start = previous
+        if stage.start == "scratch":
+            start = None
+        elif stage.start:
+            if stage.start not in seen:
+                raise UserError(f"{recipe.source}: stage {stage.name!r} starts from {stage.start!r}, which is not "
+                                f"a stage before it (or `scratch`)")
+            start = root / stage.start
+        seen.add(stage.name)
+        resolved.append(Stage(stage.name, i, stage.objective, stage_recipe, root / stage.name, start))
         previous = root / stage.name
+    names = {s.name for s in resolved}
+    for row in recipe.compare:
+        for side in (row.a, row.b):
+            if side.removesuffix("+committee") not in names:
+                raise UserError(f"{recipe.source}: compare {row.name!r} names {side!r}, which is not a stage")
     return resolved
 
 

@@ -76,8 +76,35 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "n/a"
 
 
+def _final_scores(stage: Stage | None, committee: bool) -> dict:
+    """The stage's last evaluation of its first task (its committee's with `committee`), {} if none."""
+    evals = [r["eval"] for r in read_metrics(stage.out) if "eval" in r] if stage is not None else []
+    names = [k for k in (evals[-1] if evals else {}) if k.startswith("committee:") == committee]
+    return evals[-1][names[0]] if names else {}
+
+
+def compare_table(recipe: Recipe, stages: list[Stage]) -> list[str]:
+    """The recipe's `[[compare]]` rows: each side's final accuracy and macro-F1 (a classification task's) and
+    the difference a - b; a side that has not been evaluated shows n/a."""
+    if not recipe.compare:
+        return []
+    by_name = {s.name: s for s in stages}
+    lines = ["## Comparisons", "", "| comparison | a | accuracy | macro-F1 | b | accuracy | macro-F1 | a - b (accuracy) |",
+             "|---|---|---:|---:|---|---:|---:|---:|"]
+    for row in recipe.compare:
+        sides = [_final_scores(by_name.get(x.removesuffix("+committee")), x.endswith("+committee"))
+                 for x in (row.a, row.b)]
+        acc = [side.get("accuracy") for side in sides]
+        delta = acc[0] - acc[1] if None not in acc else None
+        cells = [f"{x} | {_fmt(side.get('accuracy'), '.3f')} | {_fmt(side.get('macro_f1'), '.3f')}"
+                 for x, side in zip((row.a, row.b), sides)]
+        lines.append(f"| {row.name} | {cells[0]} | {cells[1]} | {_fmt(delta, '+.3f')} |")
+    return lines + [""]
+
+
 def write_report(recipe: Recipe, stages: list[Stage], root: Path) -> Path:
     lines = [f"# Run report: {recipe.name}", "", f"Recipe: `{recipe.source}`", ""]
+    lines += compare_table(recipe, stages)
     for stage in stages:
         status = {}
         if (stage.out / "stage.json").is_file():

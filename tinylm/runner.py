@@ -28,14 +28,18 @@ RUN_FILE = "run.json"
 STAGE_FILE = "stage.json"
 
 
-def stage_fingerprint(stage: Stage, previous: str) -> str:
+def stage_fingerprint(stage: Stage, previous: str, start: str | None = None) -> str:
+    """`start`: where the stage's weights come from when that is not the stage before it."""
     settings = to_dict(stage.recipe)
     for cosmetic in ("source", "name"):
         settings.pop(cosmetic, None)
     # Neither where a stage writes nor how it spends memory makes its finished result stale.
     for key in ("out", "log_every", "loss_chunk", "activation_checkpointing"):
         settings["train"].pop(key, None)
-    blob = json.dumps({"objective": stage.objective, "settings": settings, "after": previous}, sort_keys=True)
+    fields = {"objective": stage.objective, "settings": settings, "after": previous}
+    if start is not None:
+        fields["start"] = start
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -68,8 +72,10 @@ def plan(stages: list[Stage], from_stage: str | None, only: str | None) -> list[
     if only:
         forced = {pick_stage(stages, only).name}
     out, previous, rerun = [], "", False
-    for stage in stages:
-        fp = stage_fingerprint(stage, previous)
+    for i, stage in enumerate(stages):
+        usual = stages[i - 1].out if i else None
+        start = None if stage.previous == usual else stage.previous.name if stage.previous else "scratch"
+        fp = stage_fingerprint(stage, previous, start)
         previous = fp
         status = _read_json(stage.out / STAGE_FILE) or {}
         if only and stage.name not in forced:

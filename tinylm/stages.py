@@ -21,6 +21,7 @@ from tinylm.train import objectives
 from tinylm.errors import UserError
 from tinylm.train.objectives import DistillConfig
 from tinylm.recipe import Stage
+from tinylm.post.classify import ClassifyData
 from tinylm.post.coevolve import CoevolveData
 from tinylm.post.dpo import DPOData
 from tinylm.post.rl import RLData
@@ -104,6 +105,82 @@ class WeightedRows:
         return out
 
 
+class MaskedRows:
+    """Pretraining rows masked as BERT does for the `mlm` objective, each micro-batch keyed by (seed, step,
+    its place in the step), so that a resumed run masks every step exactly as the first run did. Validation
+    masks the held-out rows once, the same way at every evaluation, and scores the selected positions."""
+
+    VALIDATION = 1 << 20
+    """The `part` of the validation masks: apart from every (rank, micro-batch) of a training step."""
+
+    def __init__(self, data, seed: int):
+        from tinylm.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, mask_id
+
+        self.data, self.seed = data, seed
+        tok = load_tokenizer(data.tokenizer_path)
+        self.mask_id = mask_id(tok, str(data.tokenizer_path))
+        self.special = [i for i in (tok.token_to_id(t) for t in SPECIAL_TOKENS) if i is not None]
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def _mask(self, rows, step: int, part: int) -> dict:
+        return objectives.mlm_batch(rows[:, :-1], self.data.vocab_size, self.mask_id, self.special, self.seed,
+                                    step, part=part)
+
+    def micro_batches(self, step: int, rank: int, world: int, grad_accum: int) -> list[dict]:
+        return [self._mask(rows, step, rank * grad_accum + i)
+                for i, rows in enumerate(self.data.micro_batches(step, rank, world, grad_accum))]
+
+    def validation(self, batch_size: int, max_rows: int) -> list[tuple[dict, np.ndarray]]:
+        out = []
+        for i, (rows, _) in enumerate(self.data.validation(batch_size, max_rows)):
+            batch = self._mask(rows, i, self.VALIDATION)
+            out.append((batch, batch["weights"] > 0))
+        return out
+
+
+def _classify_start(init, data: ClassifyData, seed: int):
+    """The starting checkpoint with a classification head for the task's labels: a fresh seeded head, unless
+    it holds one for these very labels already."""
+    if init.shape.num_labels == len(data.labels) and init.meta.get("labels") == data.labels:
+        return init
+    shape = dataclasses.replace(init.shape, num_labels=len(data.labels))
+    rng = np.random.default_rng([seed, 1])
+    head = (rng.standard_normal((len(data.labels), shape.dim), dtype=np.float32) * shape.init_std)
+    init.params = {**{k: v for k, v in init.params.items() if k != "classifier.weight"},
+                   "classifier.weight": head.astype(np.float32)}
+    init.shape = shape
+    return init
+
+
+def _classify_feed(stage: Stage, init, backend, meta: dict):
+    """A classify stage's rows, its recipe (no validation loss; its score is the `[eval]` tasks') and the
+    checkpoint it starts from (None: from scratch, the recipe's model with a head for the task's labels)."""
+    from tinylm.data.prepare import open_prepared
+
+    recipe, cfg = stage.recipe, stage.recipe.train
+    if init is not None:
+        if init.tokenizer_path is None:
+            raise UserError(f"{init.path} has no tokenizer.json, which a classify stage needs")
+        tokenizer, causal = init.tokenizer_path, init.shape.causal
+    else:
+        if not recipe.data.dir:
+            raise UserError(f"stage {stage.name!r} classifies from scratch: name the prepared data whose tokenizer "
+                            f"it uses in data.dir (or start from a checkpoint)")
+        tokenizer, causal = open_prepared(recipe.data).tokenizer_path, recipe.model.causal
+        if causal is None:
+            causal = model.resolve(recipe.model).causal
+    data = ClassifyData(recipe.classify, tokenizer, cfg.seq_len, cfg.rows_per_rank() * backend.world_size,
+                        cfg.seed, causal)
+    meta.update(labels=data.labels, classify_task=recipe.classify.task)
+    if init is not None:
+        init = _classify_start(init, data, cfg.seed)
+    recipe = dataclasses.replace(recipe, train=dataclasses.replace(cfg, eval_every=0),
+                                 model=dataclasses.replace(recipe.model, num_labels=len(data.labels)))
+    return data, recipe, init
+
+
 def build_trainer(stage: Stage, backend, resume: bool = False, allow_data_change: bool = False, reporter=None):
     """The trainer of one stage, with its weights, data, objective and (when it distills) its teacher."""
     from tinylm.train.trainer import PretrainData, Trainer
@@ -128,6 +205,9 @@ def build_trainer(stage: Stage, backend, resume: bool = False, allow_data_change
             reporter.say(f"stage {stage.name}: {data.truncated} responses are longer than train.seq_len and were cut")
         recipe = dataclasses.replace(recipe, train=dataclasses.replace(cfg, steps=data.steps, eval_every=0))
         objective = objectives.dpo(recipe.dpo.beta)
+    elif stage.objective == "classify":
+        data, recipe, init = _classify_feed(stage, init, backend, meta)
+        objective = objectives.classify
     elif stage.objective == "sft":
         cfg = recipe.train
         data = SFTData(recipe.sft, init.tokenizer_path, cfg.seq_len, cfg.rows_per_rank() * backend.world_size,
@@ -140,6 +220,10 @@ def build_trainer(stage: Stage, backend, resume: bool = False, allow_data_change
     else:
         data = PretrainData(recipe, backend, bool(reporter and reporter.enabled))
         objective = objectives.lm
+        if stage.objective == "mlm":
+            shape = init.shape if init is not None else model.resolve(recipe.model, vocab_size=data.vocab_size)
+            objectives.check_mlm(shape)  # a causal model is refused before any data is read
+            data, objective = MaskedRows(data, recipe.train.seed), objectives.mlm
         if recipe.coevolve.rounds:
             data = CoevolveData(recipe.coevolve, data, recipe, stage.out)
     if recipe.coevolve.rounds and stage.objective != "lm":
@@ -148,7 +232,7 @@ def build_trainer(stage: Stage, backend, resume: bool = False, allow_data_change
         raise UserError(f"stage {stage.name!r}: coevolve.rounds scores samples with whole gradients, which "
                         "train.shard_params leaves with their owners; use train.shard_optimizer")
     annotate = None
-    if recipe.distill.teacher and stage.objective in ("grpo", "dpo"):
+    if recipe.distill.teacher and stage.objective not in ("lm", "sft"):
         raise UserError(f"stage {stage.name!r}: distill.teacher applies to lm and sft stages, not {stage.objective}")
     if recipe.distill.teacher:
         shape = init.shape if init is not None else model.resolve(recipe.model, vocab_size=data.vocab_size)
@@ -161,7 +245,8 @@ def build_trainer(stage: Stage, backend, resume: bool = False, allow_data_change
             data = WeightedRows(data)
         meta["teacher"] = str(teacher.path)
     trainer = Trainer(recipe, backend, out=stage.out, resume=resume, allow_data_change=allow_data_change,
-                      reporter=reporter, data=data, init=init, objective=objective, annotate=annotate, meta=meta)
+                      reporter=reporter, data=data, init=init, objective=objective, annotate=annotate, meta=meta,
+                      committee=[stage.out.parent / name for name in recipe.eval.committee])
     if hasattr(data, "attach"):
         data.attach(trainer)  # the feeds that sample or score with the weights being trained
     return trainer

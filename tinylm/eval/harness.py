@@ -14,6 +14,7 @@ import re
 
 import numpy as np
 
+from tinylm.errors import UserError
 from tinylm.eval.tasks import GenExample, MCExample, Task, load_tasks
 from tinylm.generate import SamplingConfig, adds_bos, chat_prompt, generate_ids, special_ids
 
@@ -203,6 +204,33 @@ def score_gen(lm, tok, meta: dict, task: Task, samples: int = 1, temperature: fl
     return {"metrics": metrics, "stderr": stderr, "samples": len(examples), "generations_per_sample": samples}
 
 
+def macro_f1(gold: np.ndarray, pred: np.ndarray) -> float:
+    """The mean over the classes that occur (as gold or predicted) of each class's F1."""
+    scores = []
+    for c in np.union1d(gold, pred):
+        tp = float(np.sum((pred == c) & (gold == c)))
+        both = float(np.sum(pred == c) + np.sum(gold == c))
+        scores.append(2 * tp / both)
+    return float(np.mean(scores))
+
+
+def score_classify(lm, tok, meta: dict, task: Task) -> dict:
+    """Accuracy and macro-F1 of the classification head's most probable label (a committee's averages its
+    members' class probabilities). The labels are the checkpoint's, in the order its head was trained on."""
+    from tinylm.post.classify import encode_texts, label_indices, pad_id
+
+    labels = meta.get("labels")
+    if not labels:
+        raise UserError(f"task {task.name}: the model has no classification head (no labels in its checkpoint); "
+                        f"fine-tune it with a classify stage first")
+    gold = np.asarray(label_indices([label for _, label in task.examples], labels, f"task {task.name}"))
+    rows = encode_texts(tok, [text for text, _ in task.examples], lm.max_len)
+    pred = lm.class_logprobs(rows, pad_id(tok)).argmax(axis=1)
+    correct = (pred == gold).astype(np.float64)
+    return {"metrics": {"accuracy": float(correct.mean()), "macro_f1": macro_f1(gold, pred)},
+            "stderr": {"accuracy": mean_stderr(correct)}, "samples": len(task.examples)}
+
+
 def run_tasks(lm, tok, tasks: list[Task], meta: dict | None = None, samples: int = 1, temperature: float = 0.0,
               chat: bool = False, seed: int = 0, on_task=None, log: list | None = None) -> dict:
     """{task name: {"kind", "metrics", "stderr", "samples"}} for a Model or a committee of them; `log` collects
@@ -215,6 +243,8 @@ def run_tasks(lm, tok, tasks: list[Task], meta: dict | None = None, samples: int
             r = score_mc(scorer, task.examples)
         elif task.kind == "text":
             r = score_text(scorer, task.examples)
+        elif task.kind == "classify":
+            r = score_classify(lm, tok, meta, task)
         else:
             r = score_gen(lm, tok, meta, task, samples, temperature, chat, seed, log=log)
         results[task.name] = {"kind": task.kind, **r}

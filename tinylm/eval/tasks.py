@@ -1,7 +1,8 @@
 """Evaluation tasks: readers for the usual JSON Lines formats of public benchmarks, and the built-in ones.
 
 A task is named on the command line as `KIND:PATH` (`gsm8k:data/gsm8k_test.jsonl`, `arc:ARC-Easy-test.jsonl`,
-`mc:my_choices.jsonl`, `text:held_out.txt`), as a bare path whose kind is guessed from its fields, or as the
+`mc:my_choices.jsonl`, `text:held_out.txt`, `classify:SPEC` for the test split of a classification task of
+`tinylm.data.classify_tasks`, scored by a fine-tuned classification head), as a bare path whose kind is guessed from its fields, or as the
 name of a built-in synthetic family (`arithmetic`, `word_problems`, ...). A family with held-out phrasings
 (`word_problems`) becomes two tasks, `<family>_unseen` and `<family>_seen`. Prompts follow lm-evaluation-harness's
 zero-shot templates for the public benchmarks, so scores are comparable with its numbers.
@@ -36,8 +37,9 @@ class GenExample:
 class Task:
     name: str
     kind: str
-    """"mc", "gen" or "text"."""
+    """"mc", "gen", "text" or "classify"."""
     examples: list = field(default_factory=list)
+    """`MCExample`s, `GenExample`s, documents, or (text, label) pairs."""
     stop_strings: tuple[str, ...] = ()
     max_tokens: int = 256
 
@@ -235,11 +237,25 @@ def _expand(spec: str, limit: int | None) -> list[Task]:
     return [load_task(spec, limit)]
 
 
+def _classify_task(spec: str, limit: int | None) -> Task:
+    from tinylm.data.classify_tasks import load_task as load_classify, parse_spec
+
+    kind, path = parse_spec(spec)
+    name = Path(path).stem if kind == "jsonl" else f"{kind}-{Path(path).stem}" if path else kind
+    test = load_classify(spec).test
+    return Task(name, "classify", list(test[:limit] if limit else test))
+
+
 def load_task(spec: str, limit: int | None = None, split: str = "test") -> Task:
     """A task from its command-line name (see the module docstring); `limit` keeps the first N examples.
     `split` picks the built-in families' side of their train/test split (files are read as they are)."""
     spec = spec.strip()
     kind, _, rest = spec.partition(":")
+    if kind == "classify":
+        if not rest:
+            raise UserError("task classify needs the task it scores: classify:SPEC (a JSONL file or folder, "
+                            "agnews:PATH, dbpedia:PATH, fewrel:PATH, synthetic, shakespeare-speakers)")
+        return _classify_task(rest, limit)
     if rest and kind in READERS:
         path = Path(rest)
         name = path.stem if kind in ("mc", "text") else kind
@@ -254,7 +270,7 @@ def load_task(spec: str, limit: int | None = None, split: str = "test") -> Task:
     elif spec in READERS:
         raise UserError(f"task {spec!r} needs a local file: use {spec}:PATH (nothing is downloaded)")
     else:
-        known = ", ".join([f"{k}:PATH" for k in READERS] + synthetic_families())
+        known = ", ".join([f"{k}:PATH" for k in READERS] + ["classify:SPEC"] + synthetic_families())
         raise UserError(f"unknown task {spec!r} (known: {known})")
     examples = READERS[kind](path)
     if limit:

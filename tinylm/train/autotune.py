@@ -11,6 +11,8 @@ timings are cached per machine (processor model, instruction sets, threads), bac
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import time
@@ -87,7 +89,11 @@ class Trial:
 
     def __init__(self, backend, cfg, shape: model.ModelShape, optim_cfg, weights):
         """`cfg` is the stage's `[train]`, `weights()` the numpy weights it starts from (asked for only when a
-        measurement runs)."""
+        measurement runs). The steps timed are next-token steps of the model's body: a classification head is
+        left out, as the next-token loss does not read it."""
+        if shape.num_labels:
+            shape = dataclasses.replace(shape, num_labels=0)
+            weights = (lambda whole: lambda: {k: v for k, v in whole().items() if k != "classifier.weight"})(weights)
         self.backend, self.cfg, self.shape, self.optim_cfg, self.weights = backend, cfg, shape, optim_cfg, weights
         self.key = trial_key(shape, cfg, optim_cfg.name)
 

@@ -16,6 +16,9 @@ stage names. `compute` (a `model.Compute`: dtype, loss chunking, block checkpoin
 - `grpo`: an `sft`-shaped batch of prompts and sampled completions whose `weights` are the completion tokens'
   normalisation weights (see `tinylm.post.rl`), plus per-token `advantages`, `old_logprobs` (the policy that
   sampled them) and, with a KL penalty, `ref_logprobs` (the starting model), all (batch, time).
+- `mlm`: an `sft`-shaped batch from `mlm_batch` (the masked rows, the original tokens, weights on the
+  selected positions).
+- `classify`: `classify_batch`'s `inputs`, `mask`, `pool` and `labels` (batch,) class indices.
 - `dpo`: `inputs`, `targets`, `weights` (1 on response tokens, else 0) for 2n rows, the n chosen responses
   then their n rejected ones; `ref_logps` (2n,) their summed log-probabilities under the reference model and
   `pair_weights` (n,) that average the pairs over the step (as `sft`'s weights do for tokens).
@@ -53,12 +56,13 @@ def sft(ops, params, batch, shape, compute=PLAIN):
     return (weighted_token_losses(ops, params, batch, shape, compute) * batch["weights"]).sum()
 
 
-def mlm_batch(tokens, vocab_size: int, mask_id: int, special_ids, seed: int, step: int, rate: float = 0.15) -> dict:
+def mlm_batch(tokens, vocab_size: int, mask_id: int, special_ids, seed: int, step: int, rate: float = 0.15,
+              part: int = 0) -> dict:
     """BERT's masking of (batch, time) numpy `tokens` as an `sft`-shaped batch: `rate` of the non-special
     positions are selected; of those 80% become `mask_id`, 10% a random token, 10% stay. Only the selected
-    positions weigh (equally, summing to 1). Drawn from a generator keyed by (seed, step), so a resumed run
-    masks each step as the first run did."""
-    rng = np.random.default_rng([seed, step])
+    positions weigh (equally, summing to 1). Drawn from a generator keyed by (seed, step, part), so a resumed
+    run masks each step as the first run did; `part` tells a step's micro-batches and ranks apart."""
+    rng = np.random.default_rng([seed, step, part])
     tokens = np.asarray(tokens)
     maskable = ~np.isin(tokens, np.asarray(list(special_ids), dtype=tokens.dtype))
     selected = (rng.random(tokens.shape) < rate) & maskable
@@ -73,11 +77,41 @@ def mlm_batch(tokens, vocab_size: int, mask_id: int, special_ids, seed: int, ste
     return {"inputs": inputs, "targets": tokens, "weights": weights}
 
 
-def mlm(ops, params, batch, shape, compute=PLAIN):
-    """Masked-language cross-entropy on the positions `mlm_batch` selected; the model must be bidirectional."""
+def check_mlm(shape) -> None:
     if shape.causal:
         raise UserError("objective mlm needs a bidirectional model: set model.causal = false (or a tlm-bert preset)")
+
+
+def mlm(ops, params, batch, shape, compute=PLAIN):
+    """Masked-language cross-entropy on the positions `mlm_batch` selected; the model must be bidirectional."""
+    check_mlm(shape)
     return sft(ops, params, batch, shape, compute)
+
+
+def classify_batch(rows: list[list[int]], pad_id: int, causal: bool, width: int = 0, labels=None) -> dict:
+    """Token rows of any lengths (each at least one token) as numpy arrays for `model.class_logits`: right-
+    padded `inputs` (to `width` when given, so every step has one shape), the attention `mask` (causal for a
+    decoder) that no token attends padding through, the mean-pooling weights `pool`, and `labels` if given."""
+    width = max(width, max(len(r) for r in rows))
+    inputs = np.full((len(rows), width), pad_id, np.int64)
+    valid = np.zeros((len(rows), width), bool)
+    for i, r in enumerate(rows):
+        inputs[i, :len(r)], valid[i, :len(r)] = r, True
+    mask = valid[:, None, None, :].repeat(width, axis=2)
+    if causal:
+        mask &= np.tril(np.ones((width, width), bool))
+    out = {"inputs": inputs, "mask": mask, "pool": (valid / valid.sum(1, keepdims=True)).astype(np.float32)}
+    if labels is not None:
+        out["labels"] = np.asarray(labels, np.int64)
+    return out
+
+
+def classify(ops, params, batch, shape, compute=PLAIN):
+    """Mean cross-entropy of the classification head's logits against the batch's `labels`."""
+    if not shape.num_labels:
+        raise UserError("objective classify needs labels: the model has no classification head (a classify "
+                        "stage adds one from its task's labels)")
+    return ops.cross_entropy(model.class_logits(ops, params, batch, shape, compute), batch["labels"]).mean()
 
 
 @dataclass
@@ -171,6 +205,6 @@ def dpo(beta: float):
     return objective
 
 
-OBJECTIVES = {"lm": lm, "sft": sft, "grpo": grpo, "dpo": dpo, "mlm": mlm}
+OBJECTIVES = {"lm": lm, "sft": sft, "grpo": grpo, "dpo": dpo, "mlm": mlm, "classify": classify}
 """Objectives a stage can name; `grpo` and `dpo` are built from their sections (`[grpo]`, `[dpo]`),
 `distill` is added to `lm` or `sft` by a `[distill]` section."""

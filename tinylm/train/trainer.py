@@ -85,11 +85,13 @@ class PretrainData:
 
 class Trainer:
     """The loop over steps of one stage. `data` supplies its rows (the recipe's pretraining data unless given),
-    `init` the checkpoint it starts from, `objective` what it minimizes (see `tinylm.train.objectives`)."""
+    `init` the checkpoint it starts from, `objective` what it minimizes (see `tinylm.train.objectives`);
+    `committee` names run folders whose final models join this one's, after the last step, in a soft
+    committee scored on the same `[eval]` tasks."""
 
     def __init__(self, recipe: Recipe, backend, out: str | Path | None = None, resume: bool = False,
                  allow_data_change: bool = False, reporter: RunReporter | None = None, data=None,
-                 init=None, objective=objectives.lm, annotate=None, meta: dict | None = None):
+                 init=None, objective=objectives.lm, annotate=None, meta: dict | None = None, committee=()):
         self.recipe = recipe
         self.backend = backend
         self.cfg = recipe.train
@@ -98,6 +100,7 @@ class Trainer:
         self.world, self.rank = backend.world_size, backend.rank
         self.data = data if data is not None else PretrainData(recipe, backend, self.reporter.enabled)
         self.extra_meta = dict(meta or {})
+        self.committee = [Path(p) for p in committee]
         if init is None and self.cfg.init_from:
             init = checkpoint.load(self.cfg.init_from, with_optimizer=False)
         self._init = init
@@ -187,15 +190,23 @@ class Trainer:
         bpb = nats / (math.log(2) * nbytes) if nbytes else float("nan")
         return {"val_loss": nats / max(1, ntokens), "val_bpb": bpb}
 
-    def evaluate_tasks(self) -> dict:
-        """The recipe's `[eval]` tasks on the current weights: {task: {metric: value}}."""
+    def evaluate_tasks(self, final: bool = False) -> dict:
+        """The recipe's `[eval]` tasks on the current weights: {task: {metric: value}}; after the last step,
+        the committee's as well, as `committee:<task>`."""
         from tinylm.eval.harness import evaluate
         from tinylm.eval.tasks import load_tasks
 
         if self._tasks is None:
             self._tasks = load_tasks(self.recipe.eval.tasks, self.recipe.eval.limit or None)
-        return evaluate(self.backend, self.shape, self.full_params(), self.data.tokenizer_path, self._tasks,
-                        chat=bool(self.extra_meta.get("chat")))
+        results = evaluate(self.backend, self.shape, self.full_params(), self.data.tokenizer_path, self._tasks,
+                           meta=self.extra_meta, chat=bool(self.extra_meta.get("chat")))
+        if final and self.committee:
+            from tinylm.eval.committee import evaluate_committee
+
+            joint = evaluate_committee(self.backend, self.shape, self.full_params(), self.extra_meta,
+                                       self.data.tokenizer_path, self.committee, self._tasks)
+            results.update({f"committee:{name}": r for name, r in joint.items()})
+        return results
 
     def full_params(self) -> dict:
         """The current weights whole on this rank (gathered from their owners when parameters are sharded)."""
@@ -283,7 +294,7 @@ class Trainer:
                 self.reporter.say(f"step {self.step}: val_loss {val['val_loss']:.4f} val_bpb {val['val_bpb']:.4f}")
             every = self.recipe.eval.every
             if self.recipe.eval.tasks and ((every and self.step % every == 0) or final):
-                results = self.evaluate_tasks()
+                results = self.evaluate_tasks(final)
                 self._log({"step": self.step, "eval": results})
                 self.reporter.say(f"step {self.step}: " + format_eval(results))
             saved = self.step % cfg.ckpt_every == 0 or final

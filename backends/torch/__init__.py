@@ -63,12 +63,22 @@ class TorchOps:
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
     def attention(self, q, k, v, scale, mask):
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] > 1:
             # PyTorch's CPU flash attention runs its backward pass in bf16 at half the speed of float32's
             # (measured on 2 AMX cores, 16 x 6 heads x 256 x 32: 21 ms against 10 ms); float32 is exact too.
+            # A decoding step's one query has no backward pass, and converting the whole cache costs it.
             return self.attention(q.float(), k.float(), v.float(), scale, mask).to(q.dtype)
         t, s = q.shape[-2], k.shape[-2]
         gqa = q.shape[1] != k.shape[1]
+        if t == 1 and gqa:
+            # A decoding step: each key/value head's group of queries as the rows of one attention, where
+            # PyTorch's GQA path on a CPU took 1.3x (fp32) to 5x (bf16) as long (2 cores, 8 rows x 9 heads over
+            # 3, 160 keys: 83 against 64 us, 468 against 93). One query sees every key before it: no mask but
+            # the batch's padding, which broadcasts over the groups.
+            b, h, _, d = q.shape
+            grouped = q.reshape(b, k.shape[1], h // k.shape[1], d)
+            mask = None if isinstance(mask, str) else mask
+            return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale).reshape(b, h, 1, d)
         if isinstance(mask, str):
             if t == s:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)

@@ -7,7 +7,7 @@ EXTRAS ?= torch,mlx,dev
 STAMP := .setup-stamp
 PYTEST := $(PYTHON) -m pytest -q -p no:cacheprovider
 
-.PHONY: setup quickstart test test-slow test-gpu test-all bench docs loss-curve pipeline-diagram real-model clean
+.PHONY: setup quickstart test test-slow test-gpu test-all bench gpu-check docs loss-curve pipeline-diagram real-model clean
 
 $(STAMP): pyproject.toml
 	@bash scripts/setup.sh "$(PYTHON)" "$(TORCH_SPEC)" "$(EXTRAS)"
@@ -34,6 +34,11 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) -m tinylm bench --out bench.json
 	bash scripts/bench_shakespeare.sh "$(PYTHON)"
+
+# On a CUDA machine: the GPU tests, the bench's CUDA rows, the real-model SFT stage and a GRPO step, within 8
+# minutes, into one JSON file (`python -m tinylm.bench.gpu_check --dry-run` checks it on a CPU).
+gpu-check: $(STAMP)
+	$(PYTHON) -m tinylm.bench.gpu_check --out gpu-check.json
 
 # docs/config.md and docs/cli.md are generated from the code; tests/test_docs.py fails when they are stale.
 docs:

@@ -103,7 +103,11 @@ def test_decode_rows_put_tinylm_and_transformers_on_the_same_weights_and_prompts
     assert row["name"] == "generate-micro" and row["batch"] == 3 and row["new_tokens"] == 6
     assert row["tokens_per_s"] > 0 and row["transformers_tokens_per_s"] > 0
     assert row["same_greedy_tokens"] == 1.0  # the same model: the same greedy tokens
-    assert "vs transformers" in lines[0]
+    assert set(row["transformers_by_dtype"]) == {"float32", "bfloat16"}
+    best = row["transformers_best"]
+    assert row["transformers_by_dtype"][best] == max(row["transformers_by_dtype"].values())
+    assert row["ratio_to_best"] == pytest.approx(row["tokens_per_s"] / row["transformers_by_dtype"][best], rel=1e-2)
+    assert "vs transformers float32" in lines[0] and "vs transformers bfloat16" in lines[0]
 
 
 def test_real_shape_training_rows_start_both_sides_from_the_same_loss_and_keep_each_sides_best():

@@ -67,7 +67,7 @@ class Model:
         if params and isinstance(next(iter(params.values())), np.ndarray):
             params = backend.from_numpy(params)
         self.dtype = dtype
-        self.params = model.cast_params(backend.ops, params, dtype)
+        self.params = model.stack_projections(backend.ops, model.cast_params(backend.ops, params, dtype), shape)
         self.vocab_size = shape.vocab_size
         self.max_len = shape.max_seq_len
 

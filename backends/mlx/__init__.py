@@ -246,15 +246,18 @@ class MLXBackend:
 
         `on_grad(name, grad)`, if given, gets every gradient, last parameter first (the order of a backward
         pass). MLX builds the whole graph before it runs, so its reductions are scheduled with the rest anyway.
-        `compile` overrides the backend's setting for this step (None keeps it).
+        `compile` overrides the backend's setting for this step (None keeps it). `into`, if given, holds earlier
+        gradients (gradient accumulation) that this step's are added to; the sums are returned.
         """
         step = mx.value_and_grad(fn)
         step = mx.compile(step) if self._compiles(compile) else step
 
-        def wrapped(params, *args, on_grad=None):
+        def wrapped(params, *args, on_grad=None, into=None):
             value, grads = step(params, *args)
             for name in reversed(list(grads)) if on_grad is not None else ():
                 on_grad(name, grads[name])
+            if into is not None:  # MLX arrays are immutable: the sums are new arrays
+                grads = {k: into[k] + g for k, g in grads.items()}
             return value, grads
 
         return wrapped

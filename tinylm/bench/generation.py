@@ -46,10 +46,11 @@ def _transformers_model(shape: model.ModelShape, params: dict):
 
 
 def decode_rows(backend, batches=(8, 64), new_tokens: int = 128, prompt_len: int = 32, repeats: int = 2,
-                dtypes=("float32",), config: ModelConfig = SHAPE, echo=print) -> list[dict]:
-    """One row per batch size and tinylm dtype: generated tokens/s of each side and their ratio, and the
-    share of greedy tokens on which they agreed (float32 on both sides decodes the same argmax unless two
-    logits nearly tie)."""
+                dtypes=("float32",), peer_dtypes=("float32", "bfloat16"), config: ModelConfig = SHAPE,
+                echo=print) -> list[dict]:
+    """One row per batch size and tinylm dtype: generated tokens/s of each side, transformers' in each of
+    `peer_dtypes` (its float32 default, and bf16 weights), the ratio to its float32 and to its best, and the
+    share of greedy tokens on which the float32 sides agreed (the same argmax unless two logits nearly tie)."""
     import torch
 
     from tinylm.generate import Model, SamplingConfig, generate_ids
@@ -57,39 +58,49 @@ def decode_rows(backend, batches=(8, 64), new_tokens: int = 128, prompt_len: int
     shape = resolve(config)
     params = model.init_params(shape, 0)
     models = {d: Model(backend, shape, params, dtype=d) for d in dtypes}
-    hf = _transformers_model(shape, params) if importlib.util.find_spec("transformers") else None
+    peers = {}
+    if importlib.util.find_spec("transformers"):
+        hf = _transformers_model(shape, params)
+        peers = {d: hf if d == "float32" else _transformers_model(shape, params).to(getattr(torch, d))
+                 for d in peer_dtypes}
     rng, rows = np.random.default_rng(0), []
     cfg = SamplingConfig(max_tokens=new_tokens)
     for batch in batches:
         prompts = rng.integers(1, shape.vocab_size, (batch, prompt_len))
-        best = {name: float("inf") for name in (*models, "transformers")}
+        best = {name: float("inf") for name in (*models, *(f"transformers {d}" for d in peers))}
         ours = theirs = None
-        for _ in range(repeats):
+        for _ in range(repeats):  # interleaved, best of `repeats` each
             for dtype, lm in models.items():
                 t0 = time.perf_counter()
                 out = generate_ids(lm, _Ids(), prompts.tolist(), cfg)
                 best[dtype] = min(best[dtype], time.perf_counter() - t0)
                 ours = ours if dtype != "float32" else np.array([o.tokens for o in out])
-            if hf is not None:
+            for dtype, hf in peers.items():
                 with torch.no_grad():
                     t0 = time.perf_counter()
                     ids = torch.from_numpy(prompts)
                     got = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-                    best["transformers"] = min(best["transformers"], time.perf_counter() - t0)
-                theirs = got[:, prompt_len:].numpy()
+                    best[f"transformers {dtype}"] = min(best[f"transformers {dtype}"], time.perf_counter() - t0)
+                if dtype == "float32":
+                    theirs = got[:, prompt_len:].numpy()
         tokens = batch * new_tokens
-        peer = tokens / best["transformers"] if hf is not None else None
+        peer = {d: round(tokens / best[f"transformers {d}"], 1) for d in peers}
+        peer_best = max(peer, key=peer.get) if peer else None
         for dtype in models:
             tps = tokens / best[dtype]
-            row = {"name": "generate-135m-shape" if config == SHAPE else f"generate-{config.preset}", "backend": backend.name, "device": backend.device_name,
+            row = {"name": "generate-135m-shape" if config == SHAPE else f"generate-{config.preset}",
+                   "backend": backend.name, "device": backend.device_name,
                    "dtype": dtype, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
                    "tokens_per_s": round(tps, 1),
-                   "transformers_tokens_per_s": None if peer is None else round(peer, 1),
-                   "ratio": None if peer is None else round(tps / peer, 3)}
+                   "transformers_tokens_per_s": peer.get("float32"),
+                   "ratio": round(tps / peer["float32"], 3) if "float32" in peer else None,
+                   "transformers_by_dtype": peer, "transformers_best": peer_best,
+                   "ratio_to_best": round(tps / peer[peer_best], 3) if peer else None}
             if dtype == "float32" and theirs is not None:
                 row["same_greedy_tokens"] = round(float((ours == theirs).mean()), 4)
             rows.append(row)
-            versus = "" if peer is None else f" vs transformers {peer:,.1f} tok/s ({tps / peer:.2f}x)"
+            versus = "" if not peer else "".join(f" vs transformers {d} {v:,.1f} tok/s ({tps / v:.2f}x)"
+                                                 for d, v in peer.items())
             echo(f"  decode {dtype} batch {batch} x {new_tokens} new tokens: {tps:,.1f} tok/s{versus}")
     return rows

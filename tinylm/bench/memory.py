@@ -89,12 +89,14 @@ def loss_head_memory(backend_name: str, preset: str, batch_size: int, seq_len: i
             "seconds": round(seconds, 2)}
 
 
-def in_fresh_process(module: str, function: str, kwargs: dict, what: str) -> dict:
+def in_fresh_process(module: str, function: str, kwargs: dict, what: str, timeout: float | None = None) -> dict:
     """`module.function(**kwargs)`'s JSON row, computed in a fresh Python process (a process's peak only
-    grows); `what` names the case in the error when the child fails."""
+    grows); `what` names the case in the error when the child fails. Past `timeout` seconds the child is
+    killed and `subprocess.TimeoutExpired` raised."""
     code = (f"import json, sys; from {module} import {function} as f; "
             "print(json.dumps(f(**json.loads(sys.argv[1]))))")
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True,
+                          timeout=timeout)
     if done.returncode:
         raise RuntimeError(f"{what} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.splitlines()[-1])

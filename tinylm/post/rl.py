@@ -104,6 +104,17 @@ def token_weights(mask: np.ndarray, loss_type: str, max_completion_length: int) 
     return mask / max(mask.sum(), 1.0)
 
 
+LOGPROB_BYTES = 256 << 20
+"""Most bytes of float32 logits that one forward pass for the old policy's or the reference's log-probabilities
+makes: a rollout batch's whole logits are far more (64 rows x 191 positions x 49,152 on SmolLM2's shape: 2.4
+GB), and with no gradient nothing is lost by running fewer rows at a time."""
+
+
+def logprob_rows(vocab_size: int, time: int) -> int:
+    """Rows per forward pass whose float32 logits (rows, time, vocab) fit in `LOGPROB_BYTES`; at least one."""
+    return max(1, LOGPROB_BYTES // (4 * time * vocab_size))
+
+
 def format_reward(text: str) -> float:
     return float(any(line.strip().startswith("####") for line in text.splitlines()))
 
@@ -280,8 +291,13 @@ class RLData:
         return batch, metrics
 
     def logprobs(self, params, batch: dict) -> np.ndarray:
-        rows = {"inputs": batch["inputs"], "targets": batch["targets"]}
-        return (-self.trainer.module.token_losses(params, rows)).astype(np.float32)
+        """Each completion token's log-probability under `params` (the current policy, or the reference), with
+        no gradient, a few rows at a time (`logprob_rows`)."""
+        inputs, targets = batch["inputs"], batch["targets"]
+        per = logprob_rows(self.trainer.shape.vocab_size, inputs.shape[1])
+        parts = [-self.trainer.module.token_losses(params, {"inputs": inputs[s:s + per], "targets": targets[s:s + per]})
+                 for s in range(0, inputs.shape[0], per)]
+        return np.concatenate(parts).astype(np.float32)
 
     def step_metrics(self, batch: dict, logp: np.ndarray) -> dict:
         """Clip fraction (tokens whose clipped ratio stops their gradient, as TRL counts them) and the k3 KL to

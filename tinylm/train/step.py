@@ -95,13 +95,16 @@ class TrainModule:
                 batch.update(self.annotate(batch))
             # Across ranks, the last micro-batch's gradients are reduced while its backward pass runs.
             reducer = self.parallel.reducer(total, n) if i == n - 1 else None
-            loss, grads = self._grad(params, batch, on_grad=reducer and reducer.add)
-            total_loss = loss if total_loss is None else total_loss + loss
             if reducer is not None:
-                return self.parallel.all_mean_scalar(total_loss / n if n > 1 else total_loss), reducer.result()
-            total = grads if total is None else {k: total[k] + g for k, g in grads.items()}
+                loss, grads = self._grad(params, batch, on_grad=reducer.add)
+                return self.parallel.all_mean_scalar((total_loss + loss) / n if n > 1 else loss), reducer.result()
+            # The running sum is what the backend adds this micro-batch's gradients into (in place on torch).
+            loss, total = self._grad(params, batch, into=total)
+            total_loss = loss if total_loss is None else total_loss + loss
         if n > 1:  # one micro-batch's gradient is its mean already: no pass over every tensor to divide by 1
-            total_loss, total = total_loss / n, {k: g / n for k, g in total.items()}
+            total_loss = total_loss / n
+            for k in total:  # tensor by tensor, so that each sum is freed as its mean is made
+                total[k] = total[k] / n
         if self.parallel.params_sharded:  # the gradients were reduced in backward; the loss is not yet
             total_loss = self.parallel.all_mean_scalar(total_loss)
         return total_loss, total

@@ -195,7 +195,7 @@ class Trainer:
         if self._tasks is None:
             self._tasks = load_tasks(self.recipe.eval.tasks, self.recipe.eval.limit or None)
         return evaluate(self.backend, self.shape, self.full_params(), self.data.tokenizer_path, self._tasks,
-                        chat=bool(self.extra_meta.get("chat")))
+                        meta=self.extra_meta, chat=bool(self.extra_meta.get("chat")))
 
     def full_params(self) -> dict:
         """The current weights whole on this rank (gathered from their owners when parameters are sharded)."""

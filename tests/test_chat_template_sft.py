@@ -122,7 +122,7 @@ name = "sums"
 type = "jsonl"
 path = "{convs}"
 """ for name, extra in (("sft1", f'[stages.train]\ninit_from = "{ckpt}"'),
-                        ("sft2", f'[stages.eval]\ntasks = ["{tasks}"]\nlimit = 1')))
+                        ("sft2", f'[stages.eval]\ntasks = ["{tasks}"]\nlimit = 1\nat_start = true')))
     recipe.write_text(f"""
 [model]
 preset = "micro"
@@ -142,7 +142,7 @@ lr = 1e-3
         assert {k: out.meta.get(k) for k in META} == META, name
         assert load_tokenizer(out.tokenizer_path).to_str() == tok.to_str()
     rows = [json.loads(line) for line in (tmp_path / "run" / "sft2" / "metrics.jsonl").read_text().splitlines()]
-    assert any("eval" in r for r in rows)
+    assert [r["step"] for r in rows if "eval" in r] == [0, out.step]  # the starting weights scored too (at_start)
     # What the stage trained on: ChatML turns, no BOS, loss on the answers.
     from tinylm.post.sft import SFTConfig, SFTData
     from tinylm.data.config import SourceConfig

@@ -106,6 +106,9 @@ class EvalConfig:
     """Steps between task evaluations; 0 evaluates only after the last step."""
     limit: int = 50
     """Examples per task (0 for all)."""
+    at_start: bool = False
+    """Also evaluate the starting weights before the first step (logged at step 0): the scores of the model a
+    stage starts from, such as an imported base model."""
 
     def __post_init__(self):
         config.at_least(self, 0, "every limit")

@@ -40,7 +40,7 @@ def tok(tmp_path_factory):
 
 def test_loss_mask_is_exact(tok):
     conv = CONVERSATIONS[0]
-    enc = encode_conversation(tok, conv, tok.token_to_id(BOS))
+    enc = encode_conversation(tok, conv)
     ids, loss = enc.ids.tolist(), enc.loss.tolist()
     specials = {tok.token_to_id(t): t for t in (BOS, SYSTEM, USER, ASSISTANT, END)}
     # Walk the conversation: which turn each token belongs to, and whether it carries loss.
@@ -65,7 +65,7 @@ def test_loss_mask_is_exact(tok):
 
 def test_conversation_without_assistant_is_refused(tok):
     with pytest.raises(UserError, match="no assistant turn"):
-        encode_conversation(tok, [{"role": "user", "content": "hi"}], None, "x.jsonl record 3: ")
+        encode_conversation(tok, [{"role": "user", "content": "hi"}], where="x.jsonl record 3: ")
 
 
 def test_best_fit_packs_without_cutting_what_fits():
@@ -77,7 +77,7 @@ def test_best_fit_packs_without_cutting_what_fits():
 
 
 def _packed(tok, capacity):
-    encoded = [encode_conversation(tok, c, tok.token_to_id(BOS)) for c in CONVERSATIONS]
+    encoded = [encode_conversation(tok, c) for c in CONVERSATIONS]
     rows = pack_best_fit([len(e.ids) for e in encoded], capacity)
     return encoded, rows, pack_rows(encoded, rows, capacity, tok.token_to_id("<|pad|>"))
 
@@ -200,15 +200,14 @@ def test_exported_chat_template_gives_tinylms_token_ids(tmp_path):
     ckpt = make_checkpoint(tmp_path / "run")
     hf_tok = transformers.AutoTokenizer.from_pretrained(export_hf(ckpt, tmp_path / "hf"))
     tok = load_tokenizer(checkpoint.load(ckpt).tokenizer_path)
-    bos = tok.token_to_id(BOS)
 
     def hf_ids(messages, **kwargs):
         out = hf_tok.apply_chat_template(messages, tokenize=True, **kwargs)
         return list(out["input_ids"] if hasattr(out, "keys") else out)
 
     for conv in CONVERSATIONS:
-        assert hf_ids(conv) == encode_conversation(tok, conv, bos).ids.tolist()
-        assert hf_ids(conv[:-1], add_generation_prompt=True) == prompt_ids(tok, conv[:-1], bos)
+        assert hf_ids(conv) == encode_conversation(tok, conv).ids.tolist()
+        assert hf_ids(conv[:-1], add_generation_prompt=True) == prompt_ids(tok, conv[:-1])
 
 
 def test_gsm8k_file_is_read_as_conversations(tmp_path):

@@ -159,7 +159,6 @@ def test_users_task_file_is_scored_and_chat_models_get_the_template(tmp_path, pr
     results = json.loads(capsys.readouterr().out)
     assert results["mine"]["samples"] == 3 and 0.0 <= results["mine"]["exact_match"] <= 1.0
     # The default for a chat model is the chat template, and its prompt is the one SFT trained on.
-    from tinylm.data.tokenizer import BOS
     from tinylm.eval import harness
     from tinylm.generate import chat_prompt, encode_prompt, load_model
     from tinylm.post.sft import prompt_ids
@@ -173,7 +172,7 @@ def test_users_task_file_is_scored_and_chat_models_get_the_template(tmp_path, pr
     _, tok, ckpt = load_model(out / "sft", "torch")
     messages = [{"role": "user", "content": "Which number is larger: 1.5 or 2.25?"}]
     assert encode_prompt(tok, chat_prompt(messages, ckpt.meta), ckpt.meta) == \
-        prompt_ids(tok, messages, tok.token_to_id(BOS))
+        prompt_ids(tok, messages, ckpt.meta)
 
 
 @pytest.mark.slow

@@ -145,21 +145,22 @@ def encode_prompt(tok, text: str, meta: dict | None = None) -> list[int]:
     return ([bos] if bos is not None and adds_bos(meta) else []) + ids
 
 
-def chat_prompt(messages: list[dict], meta: dict | None = None) -> str:
+def chat_prompt(messages: list[dict], meta: dict | None = None, add_generation_prompt: bool = True) -> str:
     """The conversation opened for the assistant's turn: `<|user|>...<|end|><|assistant|>` for tinylm's own
-    models, the model's Jinja chat template for imported ones."""
+    models, the model's Jinja chat template for imported ones (without the opening when not
+    `add_generation_prompt`: the conversation as SFT trains on it)."""
     template = ((meta or {}).get("hf_tokenizer_config") or {}).get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if template and template != CHAT_TEMPLATE:
-        return _render_template(template, messages, meta)
+        return _render_template(template, messages, meta, add_generation_prompt)
     try:
-        return render_chat(messages) + ASSISTANT
+        return render_chat(messages) + (ASSISTANT if add_generation_prompt else "")
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
-def _render_template(template: str, messages: list[dict], meta: dict) -> str:
+def _render_template(template: str, messages: list[dict], meta: dict, add_generation_prompt: bool) -> str:
     try:
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -181,7 +182,7 @@ def _render_template(template: str, messages: list[dict], meta: dict) -> str:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = fail
     try:
-        text = env.from_string(template).render(messages=messages, add_generation_prompt=True,
+        text = env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                 bos_token=name("bos"), eos_token=name("eos"))
     except TemplateError as e:
         raise UserError(f"the model's chat template fails to render: {type(e).__name__}: {e}") from None

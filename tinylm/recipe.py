@@ -110,6 +110,9 @@ class EvalConfig:
     committee: list[str] = field(default_factory=list)
     """Earlier stages whose final models join this stage's in a soft committee (their class or next-token
     probabilities averaged), scored on the same tasks after the last step as `committee:<task>`."""
+    at_start: bool = False
+    """Also evaluate the starting weights before the first step (logged at step 0): the scores of the model a
+    stage starts from, such as an imported base model."""
 
     def __post_init__(self):
         config.at_least(self, 0, "every limit")

@@ -28,6 +28,11 @@ from tinylm.post.rl import RLData
 from tinylm.post.sft import SFTData
 
 
+CARRIED_META = ("special_tokens", "add_bos", "hf_tokenizer_config", "imported_from")
+"""What a checkpoint says about its tokenizer and origin, which every later stage's checkpoints keep: the names
+of its special tokens, whether prompts start with BOS, the original tokenizer settings and chat template (which
+chat, evaluation, SFT and export use), and where imported weights came from."""
+
 LONG_CONTEXT_FIELDS = ("rope_theta", "max_seq_len")
 """Model settings a later stage may change on the weights it starts from (long-context fine-tuning)."""
 
@@ -188,6 +193,7 @@ def build_trainer(stage: Stage, backend, resume: bool = False, allow_data_change
     recipe = stage.recipe
     init = starting_weights(stage)
     meta = {"stage": stage.name, "chat": bool(init and init.meta.get("chat"))}
+    meta.update((k, init.meta[k]) for k in CARRIED_META if init is not None and k in init.meta)
     if stage.objective in ("sft", "grpo", "dpo"):
         if init is None:
             raise UserError(f"stage {stage.name!r} fine-tunes, but has no weights to start from: put a pretraining "
@@ -211,7 +217,7 @@ def build_trainer(stage: Stage, backend, resume: bool = False, allow_data_change
     elif stage.objective == "sft":
         cfg = recipe.train
         data = SFTData(recipe.sft, init.tokenizer_path, cfg.seq_len, cfg.rows_per_rank() * backend.world_size,
-                       cfg.steps, cfg.seed)
+                       cfg.steps, cfg.seed, init.meta)
         if data.truncated and reporter is not None:
             reporter.say(f"stage {stage.name}: {data.truncated} conversations are longer than train.seq_len + 1 "
                          f"and were cut")

@@ -102,8 +102,8 @@ class DPOData:
         pairs = []
         for prompt, chosen, rejected, as_chat in read_pairs(Path(cfg.path)):
             if chat or as_chat:
-                head = prompt_ids(tok, prompt, ids["bos"])
-                close = [tok.token_to_id(END)]
+                head = prompt_ids(tok, prompt, init.meta)
+                close = [next(i for i in (ids["end"], ids["eos"], tok.token_to_id(END)) if i is not None)]
             else:
                 text = "\n".join(m["content"] for m in prompt)
                 head = encode_prompt(tok, text, init.meta)

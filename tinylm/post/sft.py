@@ -1,10 +1,12 @@
 """Supervised fine-tuning data: conversations in the chat template, exact loss masks, best-fit packing.
 
-A conversation becomes `BOS <|user|>question<|end|><|assistant|>answer<|end|>...` (the layout of
-`tinylm.data.tokenizer.render_chat`, which `transformers`' `apply_chat_template` reproduces from the exported
-`chat_template`). Each piece is encoded on its own and the special tokens are placed by id, so the loss mask
-is exact: the assistant's content and its closing `<|end|>` carry loss; BOS, system and user turns, the role
-markers and padding carry none.
+A conversation is written in the model's own chat template: an imported model's Jinja template (ChatML's
+`<|im_start|>user\n...<|im_end|>` for SmolLM2, say), or tinylm's layout
+`BOS <|user|>question<|end|><|assistant|>answer<|end|>...` for its own models (which `transformers`'
+`apply_chat_template` reproduces from the exported `chat_template`). The assistant's spans are found by
+rendering prefixes of the conversation (`render_turns`), so the loss mask is exact for any template that
+extends as a conversation grows: the assistant's content and its end-of-turn token carry loss; BOS, system
+and user turns, role headers and padding carry none.
 
 Conversations are packed best-fit-decreasing into rows of `seq_len + 1` tokens without cutting any that fits.
 In a packed row each conversation attends only to itself (a block-diagonal causal mask from segment ids) and
@@ -25,8 +27,9 @@ import numpy as np
 
 from tinylm.data.config import SourceConfig
 from tinylm.data.sources import chat_examples
-from tinylm.data.tokenizer import ASSISTANT, END, ROLE_MARKERS, load_tokenizer, require_special, token_bytes
+from tinylm.data.tokenizer import load_tokenizer, token_bytes
 from tinylm.errors import UserError
+from tinylm.generate import chat_prompt, encode_prompt, special_ids
 
 
 @dataclass
@@ -62,33 +65,64 @@ class Encoded:
     loss: np.ndarray
 
 
-def encode_conversation(tok, messages: list[dict], bos: int | None, where: str = "") -> Encoded:
-    ids: list[int] = [] if bos is None else [bos]
-    loss: list[bool] = [False] * len(ids)
-    end = require_special(tok, END, "the tokenizer")
-    assistant_turns = 0
-    for m in messages:
-        marker = ROLE_MARKERS.get(m.get("role", ""))
-        if marker is None:
-            raise UserError(f"{where}unknown chat role {m.get('role')!r} (known: {', '.join(ROLE_MARKERS)})")
-        content = tok.encode(str(m.get("content", "")), add_special_tokens=False).ids
-        learn = m["role"] == "assistant"
-        assistant_turns += learn
-        ids += [require_special(tok, marker, "the tokenizer")] + content + [end]
-        loss += [False] + [learn] * (len(content) + 1)
-    if not assistant_turns:
+def render_turns(messages: list[dict], meta: dict | None) -> list[tuple[str, bool]]:
+    """The conversation as the model's chat template writes it, in pieces: `(text, True)` for what the assistant
+    writes (its content and its end-of-turn token), `(text, False)` for everything else.
+
+    The template is a program, so the assistant's spans are found by running it: the conversation up to an
+    assistant turn rendered with the generation prompt ends where the assistant starts writing, and rendered
+    with that turn ends where it stops (the whitespace a template puts between turns is not learned). Each
+    render must extend the one before; a template that rewrites earlier turns (one that drops past reasoning,
+    say) cannot be split this way and is refused."""
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+
+    def extend(text: str, learn: bool, turn: int) -> None:
+        nonlocal done
+        if not text.startswith(done):
+            raise UserError(f"the chat template renders the conversation up to turn {turn} differently from the "
+                            f"start of the longer conversation, so the assistant's turns cannot be told apart")
+        if len(text) > len(done):
+            pieces.append((text[len(done):], learn))
+        done = text
+
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        head = chat_prompt(messages[:i], meta)
+        extend(head, False, i + 1)
+        turn = chat_prompt(messages[:i + 1], meta, add_generation_prompt=False)
+        extend(turn[:len(head)] + turn[len(head):].rstrip(), True, i + 1)
+    extend(chat_prompt(messages, meta, add_generation_prompt=False), False, len(messages))
+    return pieces
+
+
+def encode_conversation(tok, messages: list[dict], meta: dict | None = None, where: str = "") -> Encoded:
+    """A conversation's ids in the model's chat template (tinylm's own layout when it has none) and its loss
+    mask. Each piece of `render_turns` is encoded on its own, so a prompt is encoded exactly as generation
+    encodes it and the assistant's tokens are those it would write."""
+    if not any(m.get("role") == "assistant" for m in messages):
         raise UserError(f"{where}conversation has no assistant turn, so nothing to learn from")
+    try:
+        pieces = render_turns(messages, meta)
+    except UserError as e:
+        raise UserError(f"{where}{e}") from None
+    ids = encode_prompt(tok, "", meta)  # the BOS the model's prompts start with, if any
+    loss = [False] * len(ids)
+    specials = set(tok.get_added_tokens_decoder())
+    for text, learn in pieces:
+        piece = tok.encode(text, add_special_tokens=False).ids
+        if learn and (not piece or piece[-1] not in specials):
+            raise UserError(f"{where}the chat template ends an assistant turn with {text[-12:]!r}, which is not one "
+                            f"of the tokenizer's special tokens, so the model could not learn where to stop")
+        ids += piece
+        loss += [learn] * len(piece)
     return Encoded(np.asarray(ids, np.int64), np.asarray(loss, bool))
 
 
-def prompt_ids(tok, messages: list[dict], bos: int | None) -> list[int]:
-    """The ids a chat model is prompted with: the conversation so far, then the assistant's marker."""
-    ids: list[int] = [] if bos is None else [bos]
-    end = require_special(tok, END, "the tokenizer")
-    for m in messages:
-        ids += [require_special(tok, ROLE_MARKERS[m["role"]], "the tokenizer")]
-        ids += tok.encode(m["content"], add_special_tokens=False).ids + [end]
-    return ids + [require_special(tok, ASSISTANT, "the tokenizer")]
+def prompt_ids(tok, messages: list[dict], meta: dict | None = None) -> list[int]:
+    """The ids a chat model is prompted with: the conversation so far, then the opening of the assistant's turn."""
+    return encode_prompt(tok, chat_prompt(messages, meta), meta)
 
 
 def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -173,21 +207,20 @@ class SFTData:
     """The packed rows of an SFT stage, per step and rank, and its held-out conversations."""
 
     def __init__(self, cfg: SFTConfig, tokenizer_path: str | Path, seq_len: int, rows_per_step: int,
-                 steps: int, seed: int):
+                 steps: int, seed: int, meta: dict | None = None):
         self.tokenizer_path = Path(tokenizer_path)
         tok = load_tokenizer(self.tokenizer_path)
         self.vocab_size = tok.get_vocab_size()
         self.seq_len = seq_len
         self.rows_per_step = rows_per_step
-        bos = tok.token_to_id("<|bos|>")
-        pad = tok.token_to_id("<|pad|>")
-        self.pad = 0 if pad is None else pad
+        ids = special_ids(tok, meta)
+        self.pad = next(i for i in (ids["pad"], ids["eos"], 0) if i is not None)
         if not cfg.sources:
             raise UserError("sft.sources is empty: name the conversations to fine-tune on")
         encoded = []
         for src in cfg.sources:
             for n, messages in enumerate(read_conversations(src, cfg.system)):
-                encoded.append(encode_conversation(tok, messages, bos, f"{_source_where(src)} record {n + 1}: "))
+                encoded.append(encode_conversation(tok, messages, meta, f"{_source_where(src)} record {n + 1}: "))
         rng = np.random.default_rng(cfg.seed)
         held = rng.permutation(len(encoded))
         n_val = min(len(encoded) - 1, int(round(len(encoded) * cfg.val_fraction)))

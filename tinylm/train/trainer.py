@@ -260,6 +260,10 @@ class Trainer:
         last = {}
         step_time, step_tokens = 0.0, 0
         self.reporter.start(self.step, cfg.steps)
+        if self.step == 0 and self.recipe.eval.at_start and self.recipe.eval.tasks:
+            results = self.evaluate_tasks()
+            self._log({"step": 0, "eval": results})
+            self.reporter.say("step 0: " + format_eval(results))
         while self.step < cfg.steps:
             lr = lr_at(self.recipe.schedule, self.recipe.optim.lr, self.step, cfg.steps)
             micro = self.data.micro_batches(self.step, self.rank, self.world, cfg.grad_accum)

@@ -25,7 +25,14 @@ class TrainConfig:
     """The `[train]` section."""
 
     steps: int = 100
-    """Optimizer steps (an SFT stage with `sft.epochs` set takes as many as its epochs need instead)."""
+    """Optimizer steps (an SFT stage with `sft.epochs` set takes as many as its epochs need instead; see also
+    `epochs` and `fit_to_data`)."""
+    epochs: float = 0.0
+    """Pretraining: passes over the prepared training tokens; when set, the steps are as many as those passes
+    take, whatever `steps` says (and the repetition cap `data.mixture.max_epochs` is raised to it). 0: `steps`."""
+    fit_to_data: bool = False
+    """Pretraining: treat `steps` as a budget and take fewer when the data is too small to fill them within
+    `data.mixture.max_epochs` passes, with a note, instead of stopping on the repetition cap."""
     batch_size: int = 8
     """Sequences per micro-batch on each rank."""
     grad_accum: int = 1
@@ -63,6 +70,9 @@ class TrainConfig:
     """Steps between checkpoints (and the last step)."""
     keep_checkpoints: int = 3
     """Checkpoints kept; older ones are deleted."""
+    keep_best: bool = False
+    """Save a checkpoint at every validation that lowers the validation loss and keep it (beside the last
+    `keep_checkpoints`) as the run's result: what `tinylm eval RUN` and the next stage use."""
     out: str = "runs/default"
     """Run directory (metrics.jsonl, checkpoints/); `tinylm train --out` overrides it."""
     init_from: str = ""
@@ -85,7 +95,7 @@ class TrainConfig:
 
     def __post_init__(self):
         config.at_least(self, 1, "steps batch_size grad_accum seq_len log_every ckpt_every eval_rows")
-        config.at_least(self, 0, "eval_every keep_checkpoints seed loss_chunk bucket_mb")
+        config.at_least(self, 0, "eval_every keep_checkpoints seed loss_chunk bucket_mb epochs")
         config.one_of(self, "dtype", ("float32", "bfloat16", "float16", "auto"))
 
     def rows_per_rank(self) -> int:

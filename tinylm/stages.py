@@ -38,7 +38,8 @@ LONG_CONTEXT_FIELDS = ("rope_theta", "max_seq_len")
 
 
 def starting_weights(stage: Stage):
-    """The checkpoint a stage starts from: `train.init_from`, else the previous stage's newest one, with the
+    """The checkpoint a stage starts from: `train.init_from`, else the previous stage's result (its best
+    checkpoint when it keeps one, else its newest), with the
     stage's own RoPE base and maximum length when it sets them."""
     init_from = stage.recipe.train.init_from
     if init_from:
@@ -46,11 +47,11 @@ def starting_weights(stage: Stage):
     elif stage.previous is None:
         return None
     else:
-        found = checkpoint.list_steps(stage.previous)
-        if not found:
+        found = checkpoint.result(stage.previous)
+        if found is None:
             raise UserError(f"stage {stage.name!r} starts from the weights of {stage.previous}, which holds no "
                             f"checkpoint yet: run the stage before it first (or set train.init_from)")
-        init = checkpoint.load(found[-1], with_optimizer=False)
+        init = checkpoint.load(found, with_optimizer=False)
     changes = {k: getattr(stage.recipe.model, k) for k in LONG_CONTEXT_FIELDS if getattr(stage.recipe.model, k)}
     init.shape = dataclasses.replace(init.shape, **changes)
     return init

@@ -172,7 +172,9 @@ class TokenizerConfig:
     """End-of-text token of an existing tokenizer; empty: found as for `bos_token`."""
 
     vocab_size: int = 4096
-    """Vocabulary size of a trained tokenizer, special tokens included."""
+    """Vocabulary size of a trained tokenizer, special tokens included; 0 sizes it from the training sample's
+    length (`tinylm.data.tokenizer.fitted_vocab_size`), so that a small text is not cut into tokens too rare
+    to learn."""
 
     min_frequency: int = 2
     """A pair is merged only if it occurs at least this often in the training sample."""
@@ -185,8 +187,8 @@ class TokenizerConfig:
     """Seed of the training-sample draw."""
 
     def __post_init__(self):
-        config.at_least(self, 0, "min_frequency seed")
-        config.at_least(self, 1, "vocab_size sample_chars")
+        config.at_least(self, 0, "min_frequency seed vocab_size")
+        config.at_least(self, 1, "sample_chars")
 
 
 @dataclass

@@ -28,8 +28,8 @@ from tinylm.data.config import DataConfig, SourceConfig
 from tinylm.data.shards import MANIFEST, ShardSet, ShardWriter, remove_temporaries, token_dtype
 from tinylm.files import atomic_write_bytes, atomic_write_json
 from tinylm.data.sources import cpu_count, documents, signature, validate_source
-from tinylm.data.tokenizer import (PAD, SPECIAL_TOKENS, bytes_per_token, document_specials, load_tokenizer,
-                                   save_tokenizer, token_bytes, tokenizer_sample, train_tokenizer)
+from tinylm.data.tokenizer import (PAD, SPECIAL_TOKENS, bytes_per_token, document_specials, fitted_vocab_size,
+                                   load_tokenizer, save_tokenizer, token_bytes, tokenizer_sample, train_tokenizer)
 from tinylm.errors import UserError
 from tinylm.interrupt import worker_signals
 from tinylm.lock import FolderLock
@@ -220,7 +220,8 @@ def get_tokenizer(cfg: DataConfig, cleaned, root: Path, fingerprint: str):
     if tok is not None:
         return tok
     sample = tokenizer_sample(cleaned, cfg.tokenizer.sample_chars, cfg.tokenizer.seed)
-    tok = train_tokenizer(sample, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+    vocab_size = cfg.tokenizer.vocab_size or fitted_vocab_size(sum(map(len, sample)))
+    tok = train_tokenizer(sample, vocab_size, cfg.tokenizer.min_frequency)
     save_tokenizer(tok, root / "tokenizer.json")
     atomic_write_json(root / TOKENIZER_META, {"key": _tokenizer_key(cfg, fingerprint), "sample_docs": len(sample),
                                               "sample_chars": sum(map(len, sample))})

@@ -7,6 +7,7 @@ merges make arithmetic much harder to learn at small scale).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -70,6 +71,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
+
+
+def fitted_vocab_size(chars: int) -> int:
+    """A vocabulary for a tokenizer trained on `chars` characters: 2 x sqrt(chars), to a multiple of 256, from
+    512 to 32768 (2048 for the 1.1 MB of tiny Shakespeare, 768 for a 150 KB novel).
+
+    A fixed vocabulary fits one size of text: on a small one most merged tokens occur a few times each, too
+    rarely for a small model to learn them, while on a large one a small vocabulary wastes context on short
+    tokens. Growing as the square root lets both the number of tokens and how often each occurs grow with the
+    text."""
+    return int(min(32768, max(512, 256 * round(2 * math.sqrt(max(0, chars)) / 256))))
 
 
 def save_tokenizer(tok, path: str | os.PathLike) -> None:

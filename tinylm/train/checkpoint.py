@@ -5,6 +5,7 @@
         optimizer.safetensors   optimizer slots (absent in imported or exported-only checkpoints)
         state.json              step, tokens, seed, model shape, resolved recipe, data fingerprint
         tokenizer.json          the tokenizer, so a checkpoint runs on its own
+    <run>/checkpoints/best.json the step of the lowest validation loss, when the run keeps it (`train.keep_best`)
 
 A checkpoint directory is written under a temporary name, fsynced, then renamed, so a kill at any moment
 leaves either the previous checkpoints or the new one complete, never a half-written one under a real name.
@@ -30,6 +31,7 @@ from tinylm.model import ModelShape, param_shapes
 
 FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+BEST = "best.json"
 
 
 @dataclass
@@ -64,8 +66,10 @@ def save(
     meta: dict,
     tokenizer: str | os.PathLike | None = None,
     keep: int = 3,
+    best: dict | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically under `run_dir/checkpoints/`, then keep only the last `keep`."""
+    """Write checkpoint `step` atomically under `run_dir/checkpoints/`, then keep only the last `keep` (and the
+    best one, when `best.json` names it). `best`, the step's validation figures, records it as the best."""
     root = Path(run_dir) / "checkpoints"
     _refuse_non_finite(step, params, optimizer, root)
     root.mkdir(parents=True, exist_ok=True)
@@ -95,9 +99,42 @@ def save(
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(root)
+    if best is not None:
+        mark_best(run_dir, step, best)
+    kept = best_step(run_dir)
     for old in list_steps(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != kept:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def mark_best(run_dir: str | os.PathLike, step: int, val: dict) -> None:
+    """Record checkpoint `step` (already saved) as the one of the lowest validation loss so far; `val` holds
+    its validation figures (`val_loss`, ...)."""
+    atomic_write_json(Path(run_dir) / "checkpoints" / BEST, {"step": step, **val})
+
+
+def read_best(run_dir: str | os.PathLike) -> dict:
+    """{step, val_loss, ...} of the recorded best checkpoint, or {} when there is none."""
+    try:
+        best = json.loads((Path(run_dir) / "checkpoints" / BEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return best if isinstance(best, dict) and isinstance(best.get("step"), int) else {}
+
+
+def best_step(run_dir: str | os.PathLike) -> Path | None:
+    """The recorded best checkpoint's folder when it is complete, else None."""
+    best = read_best(run_dir)
+    path = Path(run_dir) / "checkpoints" / f"step_{best['step']:08d}" if best else None
+    return path if path is not None and (path / "state.json").is_file() else None
+
+
+def result(run_dir: str | os.PathLike) -> Path | None:
+    """What a run hands on (to evaluation, to the next stage): its best checkpoint when it keeps one, else its
+    newest; None when it has none."""
+    steps = list_steps(run_dir)
+    return best_step(run_dir) or (steps[-1] if steps else None)
 
 
 def first_non_finite(params: dict, optimizer: dict | None) -> str | None:
@@ -135,13 +172,13 @@ def list_steps(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a run directory (its latest checkpoint)."""
+    """A checkpoint directory, or a run directory (its `result`: the best checkpoint, or the latest)."""
     path = Path(path)
     if (path / "state.json").is_file():
         return path
-    steps = list_steps(path)
-    if steps:
-        return steps[-1]
+    found = result(path)
+    if found is not None:
+        return found
     raise UserError(f"no checkpoint at {path} (expected state.json, or checkpoints/step_*/ inside it)")
 
 

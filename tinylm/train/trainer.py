@@ -20,7 +20,7 @@ from tinylm.train import checkpoint
 
 from tinylm.train import autotune, objectives
 from tinylm.config import to_dict
-from tinylm.data.mixture import resolve_phases
+from tinylm.data.mixture import resolve_phases, train_tokens
 from tinylm.data.prepare import open_prepared
 from tinylm.data.sampler import MixtureSampler, validation_rows
 from tinylm.errors import UserError
@@ -45,8 +45,28 @@ def format_eval(results: dict) -> str:
     return ", ".join(parts)
 
 
+def fit_steps(cfg, mix, tokens: int, world: int) -> tuple[int, float, str]:
+    """(steps, repetition cap, note) of a pretraining run on `tokens` prepared training tokens: `train.epochs`
+    passes when set; with `train.fit_to_data`, at most `steps` and at most `max_epochs` passes; else `steps`.
+    The note, empty when there is nothing to say, tells the person why the run is shorter than `steps`."""
+    per_step = cfg.rows_per_rank() * world * cfg.seq_len
+    if cfg.epochs:
+        steps = max(1, math.ceil(cfg.epochs * tokens / per_step))
+        # Rounding up to whole steps reads a little past the passes asked for; the cap must allow that.
+        return steps, max(mix.max_epochs, steps * per_step / max(1, tokens) * (1 + 1e-9)), ""
+    room = int(mix.max_epochs * tokens // per_step)
+    if not cfg.fit_to_data or cfg.steps <= room:
+        return cfg.steps, mix.max_epochs, ""
+    steps = max(1, room)
+    note = (f"the training data is small ({tokens:,} tokens): {steps} of the {cfg.steps} steps read it "
+            f"{steps * per_step / max(1, tokens):.1f} times (data.mixture.max_epochs {mix.max_epochs:g}); more "
+            f"text, not more passes, is what lowers the loss from here")
+    return steps, mix.max_epochs, note
+
+
 class PretrainData:
-    """A pretraining stage's rows: the recipe's sources prepared, mixed by phase and sampled per step."""
+    """A pretraining stage's rows: the recipe's sources prepared, mixed by phase and sampled per step. `steps`
+    is the stage's step count, fitted to the data when the recipe asks (`fit_steps`), and `note` says why."""
 
     def __init__(self, recipe: Recipe, backend, progress: bool):
         cfg = recipe.train
@@ -58,7 +78,11 @@ class PretrainData:
             raise UserError("data.dir is not set: name the prepared data directory in the recipe")
         # Prepared on demand: a no-op when the data is up to date.
         self.shards = open_prepared(recipe.data, progress=progress)
-        phases = resolve_phases(recipe.data, self.shards, cfg.total_tokens(world), progress=progress)
+        self.steps, cap, self.note = fit_steps(cfg, recipe.data.mixture, sum(train_tokens(self.shards).values()),
+                                               world)
+        cfg = dataclasses.replace(cfg, steps=self.steps)
+        data_cfg = dataclasses.replace(recipe.data, mixture=dataclasses.replace(recipe.data.mixture, max_epochs=cap))
+        phases = resolve_phases(data_cfg, self.shards, cfg.total_tokens(world), progress=progress)
         if not backend.rank:
             backend.barrier()
         if cfg.eval_every:  # a missing validation split is reported now, not after the first steps
@@ -99,6 +123,12 @@ class Trainer:
         self.reporter = reporter or RunReporter(enabled=False)
         self.world, self.rank = backend.world_size, backend.rank
         self.data = data if data is not None else PretrainData(recipe, backend, self.reporter.enabled)
+        fitted = getattr(self.data, "steps", self.cfg.steps)
+        if fitted != self.cfg.steps:
+            self.cfg = dataclasses.replace(self.cfg, steps=fitted)
+            self.recipe = recipe = dataclasses.replace(recipe, train=self.cfg)
+        if getattr(self.data, "note", ""):
+            self.reporter.warn(self.data.note)
         self.extra_meta = dict(meta or {})
         self.committee = [Path(p) for p in committee]
         if init is None and self.cfg.init_from:
@@ -120,6 +150,7 @@ class Trainer:
         self.flops_per_token = model.flops_per_token(self.shape, self.cfg.seq_len)
         self.peak, _ = cached_peak(backend, self.dtype)
         self._tasks = None
+        self._saved_step = None
         self._start(resume, allow_data_change)
 
     def _choices(self, resume: bool) -> dict:
@@ -212,10 +243,11 @@ class Trainer:
         """The current weights whole on this rank (gathered from their owners when parameters are sharded)."""
         return self.module.parallel.gather_all(self.params)
 
-    def save(self) -> None:
+    def save(self, best: dict | None = None) -> None:
         # Every rank takes part in both.
         params = self.module.parallel.full_params(self.params)
         state = self.module.parallel.full_state(self.params, self.state)
+        self._saved_step = self.step
         if self.rank != 0:
             return
         meta = {
@@ -230,7 +262,22 @@ class Trainer:
             **self.extra_meta,
         }
         checkpoint.save(self.out, self.step, params, state,
-                        meta, tokenizer=self.data.tokenizer_path, keep=self.cfg.keep_checkpoints)
+                        meta, tokenizer=self.data.tokenizer_path, keep=self.cfg.keep_checkpoints, best=best)
+
+    def _keep_if_best(self, val: dict) -> None:
+        """Save this step and record it as the run's result when its validation loss is the lowest yet."""
+        best = checkpoint.read_best(self.out).get("val_loss") if self.rank == 0 else None
+        # Every rank takes part in saving, so every rank must reach the same decision: rank 0's.
+        better = self._agreed_flag(best is None or val["val_loss"] < best)
+        if better:
+            self.save(best=val)
+
+    def _agreed_flag(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        value = self.backend.from_numpy({"flag": np.array([float(flag)], np.float32)})["flag"]
+        (value,) = self.backend.broadcast_flat([value], 0)
+        return bool(self.backend.to_numpy({"flag": value})["flag"][0])
 
     def _agreed_stop(self, signum: int | None) -> int | None:
         """Rank 0's pending signal, on every rank: the ranks must stop, and save, at the same step."""
@@ -296,13 +343,15 @@ class Trainer:
                 self._log({"step": self.step, **val})
                 last.update(val)
                 self.reporter.say(f"step {self.step}: val_loss {val['val_loss']:.4f} val_bpb {val['val_bpb']:.4f}")
+                if cfg.keep_best:
+                    self._keep_if_best(val)
             every = self.recipe.eval.every
             if self.recipe.eval.tasks and ((every and self.step % every == 0) or final):
                 results = self.evaluate_tasks(final)
                 self._log({"step": self.step, "eval": results})
                 self.reporter.say(f"step {self.step}: " + format_eval(results))
             saved = self.step % cfg.ckpt_every == 0 or final
-            if saved:
+            if saved and self._saved_step != self.step:
                 self.save()
             self.reporter.advance(self.step, loss)
             signum = self._agreed_stop(stop.signum)
@@ -311,4 +360,8 @@ class Trainer:
         self.reporter.stop()
         if self.metrics is not None:
             self.metrics.close()
+        best = checkpoint.read_best(self.out) if cfg.keep_best and self.rank == 0 else {}
+        if best and best["step"] != self.step:
+            self.reporter.say(f"the validation loss was lowest at step {best['step']} (val_bpb "
+                               f"{best.get('val_bpb', float('nan')):.4f}); that checkpoint is the run's result")
         return last

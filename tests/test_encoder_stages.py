@@ -122,6 +122,7 @@ def _eval_rows(folder):
     return [json.loads(ln)["eval"] for ln in (folder / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
 
 
+@pytest.mark.slow
 def test_mlm_then_classify_stages_committee_and_report(tmp_path, setup, capsys):
     path, task = setup
     out = tmp_path / "run"
@@ -181,6 +182,7 @@ def _refused(capsys, argv) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(tmp_path, setup, capsys):
     path, task = setup
     out = tmp_path / "run"

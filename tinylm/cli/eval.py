@@ -104,7 +104,8 @@ def chat(
 def eval_(
     ckpt: str = typer.Argument(..., metavar="CKPT", help="Checkpoint or run directory."),
     tasks: str = typer.Option(..., "--tasks", help="Comma-separated: KIND:PATH (gsm8k, arc, hellaswag, piqa, "
-                              "boolq, mc, text), a task file, or a built-in synthetic family."),
+                              "boolq, mc, text), classify:SPEC (accuracy and macro-F1 of a fine-tuned "
+                              "classification head), a task file, or a built-in synthetic family."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="First N examples of each task."),
     as_json: bool = typer.Option(False, "--json", help="Print {task: {metric: value}} as JSON."),
     committee: Optional[str] = typer.Option(None, "--committee", help="More checkpoints (comma-separated) that "

@@ -73,3 +73,20 @@ def test_more_unseen_problems_than_the_held_out_parts_can_make_is_refused():
 def test_families_without_held_out_phrasings_have_no_unseen_split():
     with pytest.raises(UserError, match="split must be one of train, test"):
         synthetic.generate("arithmetic", "unseen", 5)
+
+
+def test_each_group_split_holds_out_its_own_group_and_no_other():
+    # The breakdown of unseen accuracy by group is only honest if an `unseen-GROUP` problem carries a held-out
+    # part of that group in every prompt and none of any other group's.
+    for group in word_problems.GROUPS:
+        own = [_marker(p) for parts in word_problems.KINDS.values() if parts.group == group for p in parts.held_out]
+        other = [_marker(p) for parts in word_problems.KINDS.values() if parts.group != group
+                 for p in parts.held_out]
+        for p in synthetic.problems("word_problems", n=40, split=f"unseen-{group}"):
+            assert any(m.search(p.prompt) for m in own), (group, p.prompt)
+            assert not any(m.search(p.prompt) for m in other), (group, p.prompt)
+
+
+def test_an_unknown_group_is_refused_with_one_line():
+    with pytest.raises(UserError, match="no held-out group 'adverbs'"):
+        synthetic.problems("word_problems", n=5, split="unseen-adverbs")

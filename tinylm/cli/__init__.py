@@ -186,7 +186,7 @@ def quickstart(
     fresh: bool = typer.Option(False, "--fresh", help="Start over instead of continuing an earlier quickstart."),
 ):
     """`tinylm run recipes/quickstart.toml` on the built-in data, then the final model scored on word problems in
-    held-out and in seen phrasings, every answer written to `samples.jsonl` in the run folder, a few shown."""
+    held-out and in seen phrasings (and with each group of wording held out alone), every answer written to `samples.jsonl` in the run folder, a few shown."""
     import shutil
 
     from tinylm.cli.eval import write_samples
@@ -205,7 +205,9 @@ def quickstart(
     final = recipes.resolve_stages(recipe)[-1].out
     lm, tok, ckpt = load_model(final, backend)
     rows: list = []
-    results = harness.run_tasks(lm, tok, load_tasks("word_problems", recipe.eval.limit or 200), ckpt.meta,
+    # Unseen and seen phrasings, then one group of wording held out at a time: where reading fails.
+    tasks = load_tasks("word_problems,word_problems_by_group", recipe.eval.limit or 200)
+    results = harness.run_tasks(lm, tok, tasks, ckpt.meta,
                                 chat=bool(ckpt.meta.get("chat")), log=rows)
     write_samples(out / "samples.jsonl", rows)
     print("\n" + harness.markdown_table(results), end="")

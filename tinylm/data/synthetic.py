@@ -301,16 +301,19 @@ def generate(family: str, split: str = "train", n: int = 100, seed: int = 0, dif
     """
     if family not in FAMILIES:
         raise KeyError(family)
-    if split not in SPLITS or (split == "unseen" and family not in PHRASED):
-        splits = SPLITS if family in PHRASED else SPLITS[:2]
+    unseen = split == "unseen" or split.startswith("unseen-")
+    if split not in SPLITS and not unseen or (unseen and family not in PHRASED):
+        splits = SPLITS + ("unseen-GROUP",) if family in PHRASED else SPLITS[:2]
         raise UserError(f"{family}: split must be one of {', '.join(splits)}, got {split!r}")
     make = FAMILIES[family]
-    unseen = split == "unseen"
     if unseen:
-        from tinylm.data.word_problems import check_capacity
+        from tinylm.data.word_problems import check_capacity, held_groups
 
+        # `unseen-GROUP` holds out one group of wording alone (`tinylm.data.word_problems.GROUPS`).
+        held = True if split == "unseen" else split.removeprefix("unseen-")
+        held_groups(held)
         check_capacity(n, difficulty)
-        make = lambda rng, difficulty: FAMILIES[family](rng, difficulty, held_out=True)  # noqa: E731
+        make = lambda rng, difficulty: FAMILIES[family](rng, difficulty, held_out=held)  # noqa: E731
     rng = random.Random(f"tinylm/{family}/{split}/{seed}/{difficulty}")
     seen: set[str] = set()
     out: list[Problem] = []

@@ -4,7 +4,8 @@ A task is named on the command line as `KIND:PATH` (`gsm8k:data/gsm8k_test.jsonl
 `mc:my_choices.jsonl`, `text:held_out.txt`, `classify:SPEC` for the test split of a classification task of
 `tinylm.data.classify_tasks`, scored by a fine-tuned classification head), as a bare path whose kind is guessed from its fields, or as the
 name of a built-in synthetic family (`arithmetic`, `word_problems`, ...). A family with held-out phrasings
-(`word_problems`) becomes two tasks, `<family>_unseen` and `<family>_seen`. Prompts follow lm-evaluation-harness's
+(`word_problems`) becomes two tasks, `<family>_unseen` and `<family>_seen`; `<family>_by_group` is one task per
+group of wording held out alone (`<family>_unseen_verbs`, ...), to find where reading fails. Prompts follow lm-evaluation-harness's
 zero-shot templates for the public benchmarks, so scores are comparable with its numbers.
 """
 
@@ -231,6 +232,12 @@ def _expand(spec: str, limit: int | None) -> list[Task]:
     from tinylm.data import synthetic
 
     family = spec.strip().removeprefix("synthetic:")
+    base = family.removesuffix("_by_group")
+    if base != family and base in getattr(synthetic, "PHRASED", ()):
+        # Where reading fails: one group of wording held out at a time, the rest seen.
+        from tinylm.data.word_problems import GROUPS
+
+        return [_synthetic_task(base, limit, f"unseen-{g}", f"{base}_unseen_{g}") for g in GROUPS]
     if family in getattr(synthetic, "PHRASED", ()):
         return [_synthetic_task(family, limit, "unseen", f"{family}_unseen"),
                 _synthetic_task(family, limit, "test", f"{family}_seen")]

@@ -96,6 +96,8 @@ def test_local_recipe_resolves_at_its_full_step_count(path, tmp_path, monkeypatc
     r = _load(path, [f"data.dir={tmp_path / 'data'}", *stand_in(_load(path), capsys)])
     if missing := _missing_files(r):
         pytest.skip(f"{path.name} reads {missing[0]}, absent here")
+    if not r.data.sources:
+        pytest.skip(f"{path.name} only fine-tunes a checkpoint: no pretraining data to resolve")
     from tinylm.data.prepare import open_prepared
 
     shards = open_prepared(r.data, progress=False)
@@ -166,6 +168,9 @@ def test_local_recipe_trains_a_couple_of_steps(path, tmp_path, monkeypatch, caps
         pytest.skip(f"{path.name} reads {missing[0]}, absent here")
     if any(st.objective in ("mlm", "classify") for st in r.stages):
         pytest.skip(f"{path.name}'s encoder stages are trained small by tests/test_tlm_recipe.py")
+    if any(p.startswith("models/") for p in [r.train.init_from] + [st.train.get("init_from", "") for st in r.stages]):
+        # Steps of the real 135M model take minutes here; tests/test_real_model_export.py trains it briefly.
+        pytest.skip(f"{path.name} starts from the real model")
     out = tmp_path / "run"
     _smoke_train(path, r, out, tmp_path / "data", capsys, extra)
     for stage in resolve_stages(r, out):

@@ -58,6 +58,9 @@ class TrainConfig:
     """Steps between validation losses (and the last step); 0 turns validation off."""
     eval_rows: int = 32
     """Validation sequences per evaluation."""
+    eval_at_start: bool = False
+    """Also validate the starting weights before the first step (logged as step 0): the base figure that
+    continued pretraining of an imported model, or a distilled student, is measured against."""
     ckpt_every: int = 100
     """Steps between checkpoints (and the last step)."""
     keep_checkpoints: int = 3

@@ -187,6 +187,12 @@ class Trainer:
         bpb = nats / (math.log(2) * nbytes) if nbytes else float("nan")
         return {"val_loss": nats / max(1, ntokens), "val_bpb": bpb}
 
+    def _validate_and_log(self) -> dict:
+        val = self.validate()
+        self._log({"step": self.step, **val})
+        self.reporter.say(f"step {self.step}: val_loss {val['val_loss']:.4f} val_bpb {val['val_bpb']:.4f}")
+        return val
+
     def evaluate_tasks(self) -> dict:
         """The recipe's `[eval]` tasks on the current weights: {task: {metric: value}}."""
         from tinylm.eval.harness import evaluate
@@ -249,6 +255,8 @@ class Trainer:
         last = {}
         step_time, step_tokens = 0.0, 0
         self.reporter.start(self.step, cfg.steps)
+        if cfg.eval_at_start and cfg.eval_every and self.step == 0:
+            self._validate_and_log()
         while self.step < cfg.steps:
             lr = lr_at(self.recipe.schedule, self.recipe.optim.lr, self.step, cfg.steps)
             micro = self.data.micro_batches(self.step, self.rank, self.world, cfg.grad_accum)
@@ -277,10 +285,7 @@ class Trainer:
                                   + "".join(f" {k} {v:.3f}" for k, v in extra.items()))
                 step_time, step_tokens = 0.0, 0
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or final):
-                val = self.validate()
-                self._log({"step": self.step, **val})
-                last.update(val)
-                self.reporter.say(f"step {self.step}: val_loss {val['val_loss']:.4f} val_bpb {val['val_bpb']:.4f}")
+                last.update(self._validate_and_log())
             every = self.recipe.eval.every
             if self.recipe.eval.tasks and ((every and self.step % every == 0) or final):
                 results = self.evaluate_tasks()

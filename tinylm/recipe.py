@@ -121,8 +121,9 @@ class EvalConfig:
     """Earlier stages whose final models join this stage's in a soft committee (their class or next-token
     probabilities averaged), scored on the same tasks after the last step as `committee:<task>`."""
     at_start: bool = False
-    """Also evaluate the starting weights before the first step (logged at step 0): the scores of the model a
-    stage starts from, such as an imported base model."""
+    """Also score the starting weights before the first step, logged as step 0: the validation loss and bits
+    per byte (when `train.eval_every` is on) and the tasks. The base figure that continued pretraining,
+    post-training or distillation of an imported model is measured against."""
 
     def __post_init__(self):
         config.at_least(self, 0, "every limit")

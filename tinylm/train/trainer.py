@@ -221,6 +221,12 @@ class Trainer:
         bpb = nats / (math.log(2) * nbytes) if nbytes else float("nan")
         return {"val_loss": nats / max(1, ntokens), "val_bpb": bpb}
 
+    def _validate_and_log(self) -> dict:
+        val = self.validate()
+        self._log({"step": self.step, **val})
+        self.reporter.say(f"step {self.step}: val_loss {val['val_loss']:.4f} val_bpb {val['val_bpb']:.4f}")
+        return val
+
     def evaluate_tasks(self, final: bool = False) -> dict:
         """The recipe's `[eval]` tasks on the current weights: {task: {metric: value}}; after the last step,
         the committee's as well, as `committee:<task>`."""
@@ -307,10 +313,14 @@ class Trainer:
         last = {}
         step_time, step_tokens = 0.0, 0
         self.reporter.start(self.step, cfg.steps)
-        if self.step == 0 and self.recipe.eval.at_start and self.recipe.eval.tasks:
-            results = self.evaluate_tasks()
-            self._log({"step": 0, "eval": results})
-            self.reporter.say("step 0: " + format_eval(results))
+        if self.step == 0 and self.recipe.eval.at_start:
+            # The starting weights (an imported base model, say) scored the way every later step is.
+            if cfg.eval_every:
+                self._validate_and_log()
+            if self.recipe.eval.tasks:
+                results = self.evaluate_tasks()
+                self._log({"step": 0, "eval": results})
+                self.reporter.say("step 0: " + format_eval(results))
         while self.step < cfg.steps:
             lr = lr_at(self.recipe.schedule, self.recipe.optim.lr, self.step, cfg.steps)
             micro = self.data.micro_batches(self.step, self.rank, self.world, cfg.grad_accum)
@@ -339,10 +349,8 @@ class Trainer:
                                   + "".join(f" {k} {v:.3f}" for k, v in extra.items()))
                 step_time, step_tokens = 0.0, 0
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or final):
-                val = self.validate()
-                self._log({"step": self.step, **val})
+                val = self._validate_and_log()
                 last.update(val)
-                self.reporter.say(f"step {self.step}: val_loss {val['val_loss']:.4f} val_bpb {val['val_bpb']:.4f}")
                 if cfg.keep_best:
                     self._keep_if_best(val)
             every = self.recipe.eval.every

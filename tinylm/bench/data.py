@@ -31,9 +31,10 @@ def _write_corpus(folder: Path, target_mb: float) -> list[SourceConfig]:
         with open(path, "w", encoding="utf-8") as f:
             for p in synthetic.generate(family, "train", n, seed=7, difficulty=3):
                 f.write(json.dumps({"text": p.text()}) + "\n")
-        # Read back as JSON lines, which get the quality filters, except the worked arithmetic: its one-digit
-        # steps fail the mean-word-length rule whole, as a synthetic source is exempt from it.
-        sources.append(SourceConfig(name=family, type="jsonl", path=str(path), quality=family != "arithmetic"))
+        # Read back as JSON lines, which get the quality filters, except the worked solutions (arithmetic, and
+        # word problems since they are worked column by column): their one-digit steps fail the
+        # mean-word-length rule whole, as a synthetic source is exempt from it.
+        sources.append(SourceConfig(name=family, type="jsonl", path=str(path), quality=family == "stories"))
     return sources
 
 

@@ -216,7 +216,7 @@ def is_matrix(name: str) -> bool:
 def _attention(ops, p, prefix, x, shape: ModelShape, offset, mask, cache_entry, positions):
     b, t, _ = x.shape
     hd = shape.head_dim
-    if prefix + "qkv_proj.weight" in p:  # stacked for decoding (`stack_projections`): one matmul for three
+    if prefix + "qkv_proj.weight" in p:  # stacked for decoding (`generate.stack_projections`): one matmul for three
         qkv = ops.linear(x, p[prefix + "qkv_proj.weight"])
         nq, nkv = shape.n_heads * hd, shape.n_kv_heads * hd
         q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
@@ -248,26 +248,6 @@ def _mlp(ops, p, prefix, x):
         return ops.linear(ops.silu(both[..., :half]) * both[..., half:], p[prefix + "down_proj.weight"])
     gate = ops.silu(ops.linear(x, p[prefix + "gate_proj.weight"]))
     return ops.linear(gate * ops.linear(x, p[prefix + "up_proj.weight"]), p[prefix + "down_proj.weight"])
-
-
-STACKED = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                                         "self_attn.v_proj.weight"),
-           "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
-"""Decoding's stacked projections and the weights each stacks, row after row, per layer."""
-
-
-def stack_projections(ops, params: dict, shape: ModelShape) -> dict:
-    """`params` with each layer's q, k and v projections stacked into one matrix and its gate and up projections
-    into another, for inference: a decoding step multiplies a few rows by every weight, where fewer, larger
-    matmuls run closer to memory bandwidth (bf16 on 2 cores at 8 rows: q, k, v 65 us apart, 37 stacked). Each
-    output is the same dot product as before. Training keeps the separate weights its optimizer updates."""
-    out = dict(params)
-    for i in range(shape.n_layers):
-        prefix = f"layers.{i}."
-        for stacked, parts in STACKED.items():
-            if prefix + parts[0] in out:
-                out[prefix + stacked] = ops.concat([out.pop(prefix + name) for name in parts], axis=0)
-    return out
 
 
 def _block(ops, p, prefix, x, shape: ModelShape, offset, mask, cache_entry, positions):

@@ -143,13 +143,18 @@ def _splits(spec: str, root: Path | None, seed: int, test_fraction: float):
     return split_rows(splits[0], test_fraction, seed, spec) if len(splits) == 1 else tuple(splits)
 
 
+def _rows_by_label(rows: list[tuple[str, str]]) -> dict[str, list[int]]:
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for i, (_, label) in enumerate(rows):
+        by_label[label].append(i)
+    return by_label
+
+
 def cap_per_class(rows: list[tuple[str, str]], most: int, seed: int) -> list[tuple[str, str]]:
     """At most `most` rows of each label (0: all), a seeded sample, in their order."""
     if not most:
         return rows
-    by_label: dict[str, list[int]] = defaultdict(list)
-    for i, (_, label) in enumerate(rows):
-        by_label[label].append(i)
+    by_label = _rows_by_label(rows)
     rng = random.Random(f"tinylm/classify-cap/{seed}")
     kept = set()
     for label in sorted(by_label):
@@ -164,9 +169,7 @@ def split_rows(rows: list[tuple[str, str]], test_fraction: float, seed: int,
     a label's last row, so every test label is also a training label. Rows keep their file order in each split."""
     if len(rows) < 2:
         raise UserError(f"task {spec!r}: too few rows to split ({len(rows)}; a task needs at least two)")
-    by_label: dict[str, list[int]] = defaultdict(list)
-    for i, (_, label) in enumerate(rows):
-        by_label[label].append(i)
+    by_label = _rows_by_label(rows)
     rng = random.Random(f"tinylm/classify-split/{seed}")
     held = set()
     for label in sorted(by_label):

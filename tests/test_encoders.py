@@ -57,27 +57,36 @@ def test_mlm_on_a_causal_model_is_refused():
         objectives.mlm(None, {}, {}, shape)
 
 
-def test_mlm_loss_and_gradients_agree_between_torch_and_mlx():
+def _on_torch_and_mlx(shape, weights, batch, objective):
+    """(loss, gradients) of one step of `objective` on torch, then on MLX, from the same weights and batch."""
     pytest.importorskip("torch")
     pytest.importorskip("mlx.core")
     from tinylm.backends import get_backend
     from tinylm.train.optim import OptimConfig
     from tinylm.train.step import TrainModule
 
-    shape = resolve(ModelConfig(preset="tlm-bert-mini", n_layers=2, vocab_size=512))
-    weights = model.init_params(shape, 0)
-    batch = objectives.mlm_batch(_tokens(shape), shape.vocab_size, MASK_ID, SPECIAL, seed=0, step=1)
-    out = {}
+    out = []
     for name in ("torch", "mlx"):
         b = get_backend(name)
-        loss, grads = TrainModule(b, shape, OptimConfig(), objective=objectives.mlm).loss_and_grads(
+        loss, grads = TrainModule(b, shape, OptimConfig(), objective=objective).loss_and_grads(
             b.from_numpy(weights), [batch])
-        out[name] = (b.item(loss), b.to_numpy(grads))
-    (st, gt), (sm, gm) = out["torch"], out["mlx"]
-    assert abs(st - sm) < 1e-4
+        out.append((b.item(loss), b.to_numpy(grads)))
+    return out
+
+
+def _assert_gradients_agree(gt, gm):
     for k in gt:
         rel = np.abs(gt[k] - gm[k]).max() / (np.abs(gt[k]).max() + 1e-12)
         assert rel < 1e-4, (k, rel)
+
+
+def test_mlm_loss_and_gradients_agree_between_torch_and_mlx():
+    shape = resolve(ModelConfig(preset="tlm-bert-mini", n_layers=2, vocab_size=512))
+    weights = model.init_params(shape, 0)
+    batch = objectives.mlm_batch(_tokens(shape), shape.vocab_size, MASK_ID, SPECIAL, seed=0, step=1)
+    (st, gt), (sm, gm) = _on_torch_and_mlx(shape, weights, batch, objectives.mlm)
+    assert abs(st - sm) < 1e-4
+    _assert_gradients_agree(gt, gm)
 
 
 def _classify_batch(shape, seed=2):
@@ -88,29 +97,15 @@ def _classify_batch(shape, seed=2):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_classify_loss_and_gradients_agree_between_torch_and_mlx(causal):
-    pytest.importorskip("torch")
-    pytest.importorskip("mlx.core")
-    from tinylm.backends import get_backend
-    from tinylm.train.optim import OptimConfig
-    from tinylm.train.step import TrainModule
-
     shape = dataclasses.replace(resolve(ModelConfig(preset="tlm-bert-mini", n_layers=2, vocab_size=512,
                                                     causal=causal)), num_labels=3)
     weights = model.init_params(shape, 0)
     batch = _classify_batch(shape)
-    out = {}
-    for name in ("torch", "mlx"):
-        b = get_backend(name)
-        loss, grads = TrainModule(b, shape, OptimConfig(), objective=objectives.classify).loss_and_grads(
-            b.from_numpy(weights), [batch])
-        out[name] = (b.item(loss), b.to_numpy(grads))
-    (st, gt), (sm, gm) = out["torch"], out["mlx"]
+    (st, gt), (sm, gm) = _on_torch_and_mlx(shape, weights, batch, objectives.classify)
     assert abs(st - np.log(3)) < 0.3  # a fresh head is close to uniform
     assert abs(st - sm) < 1e-4
     assert np.abs(gt["classifier.weight"]).max() > 0
-    for k in gt:
-        rel = np.abs(gt[k] - gm[k]).max() / (np.abs(gt[k]).max() + 1e-12)
-        assert rel < 1e-4, (k, rel)
+    _assert_gradients_agree(gt, gm)
 
 
 @pytest.mark.parametrize("causal", [False, True])

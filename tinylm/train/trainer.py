@@ -227,6 +227,11 @@ class Trainer:
         self.reporter.say(f"step {self.step}: val_loss {val['val_loss']:.4f} val_bpb {val['val_bpb']:.4f}")
         return val
 
+    def _evaluate_and_log(self, final: bool = False) -> None:
+        results = self.evaluate_tasks(final)
+        self._log({"step": self.step, "eval": results})
+        self.reporter.say(f"step {self.step}: " + format_eval(results))
+
     def evaluate_tasks(self, final: bool = False) -> dict:
         """The recipe's `[eval]` tasks on the current weights: {task: {metric: value}}; after the last step,
         the committee's as well, as `committee:<task>`."""
@@ -274,24 +279,20 @@ class Trainer:
         """Save this step and record it as the run's result when its validation loss is the lowest yet."""
         best = checkpoint.read_best(self.out).get("val_loss") if self.rank == 0 else None
         # Every rank takes part in saving, so every rank must reach the same decision: rank 0's.
-        better = self._agreed_flag(best is None or val["val_loss"] < best)
-        if better:
+        if self._rank_zeros(float(best is None or val["val_loss"] < best)):
             self.save(best=val)
 
-    def _agreed_flag(self, flag: bool) -> bool:
+    def _rank_zeros(self, value: float) -> float:
+        """Rank 0's `value` on every rank: for the decisions every rank must take alike."""
         if self.world == 1:
-            return flag
-        value = self.backend.from_numpy({"flag": np.array([float(flag)], np.float32)})["flag"]
-        (value,) = self.backend.broadcast_flat([value], 0)
-        return bool(self.backend.to_numpy({"flag": value})["flag"][0])
+            return value
+        array = self.backend.from_numpy({"value": np.array([value], np.float32)})["value"]
+        (array,) = self.backend.broadcast_flat([array], 0)
+        return float(self.backend.to_numpy({"value": array})["value"][0])
 
     def _agreed_stop(self, signum: int | None) -> int | None:
         """Rank 0's pending signal, on every rank: the ranks must stop, and save, at the same step."""
-        if self.world == 1:
-            return signum
-        flag = self.backend.from_numpy({"stop": np.array([signum or 0], np.float32)})["stop"]
-        (flag,) = self.backend.broadcast_flat([flag], 0)
-        return int(self.backend.to_numpy({"stop": flag})["stop"][0]) or None
+        return int(self._rank_zeros(signum or 0)) or None
 
     def _stop(self, signum: int, saved: bool) -> None:
         if not saved:
@@ -318,9 +319,7 @@ class Trainer:
             if cfg.eval_every:
                 self._validate_and_log()
             if self.recipe.eval.tasks:
-                results = self.evaluate_tasks()
-                self._log({"step": 0, "eval": results})
-                self.reporter.say("step 0: " + format_eval(results))
+                self._evaluate_and_log()
         while self.step < cfg.steps:
             lr = lr_at(self.recipe.schedule, self.recipe.optim.lr, self.step, cfg.steps)
             micro = self.data.micro_batches(self.step, self.rank, self.world, cfg.grad_accum)
@@ -355,9 +354,7 @@ class Trainer:
                     self._keep_if_best(val)
             every = self.recipe.eval.every
             if self.recipe.eval.tasks and ((every and self.step % every == 0) or final):
-                results = self.evaluate_tasks(final)
-                self._log({"step": self.step, "eval": results})
-                self.reporter.say(f"step {self.step}: " + format_eval(results))
+                self._evaluate_and_log(final)
             saved = self.step % cfg.ckpt_every == 0 or final
             if saved and self._saved_step != self.step:
                 self.save()

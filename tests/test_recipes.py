@@ -59,11 +59,12 @@ def _slow_to_prepare(path) -> bool:
 
 
 def _missing_files(recipe) -> list[str]:
-    """Files the recipe's local sources read, and the checkpoint it starts from, that are absent (paths are
-    relative to the repository root)."""
+    """Files the recipe's local sources read, the tokenizer file it names, the checkpoint it starts from and the
+    teacher it distills from, that are absent (paths are relative to the repository root)."""
     missing = [s.path for s in recipe.data.sources if s.type in FILE_TYPES and not glob.glob(s.path)]
     starts = [recipe.train.init_from] + [st.train.get("init_from", "") for st in recipe.stages]
-    return missing + [p for p in starts if p and not Path(p).exists()]
+    named = [recipe.data.tokenizer.path, recipe.distill.teacher]
+    return missing + [p for p in starts + named if p and not Path(p).exists()]
 
 
 LOCAL = [p for p in RECIPES if _is_local(p)]

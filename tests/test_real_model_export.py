@@ -106,7 +106,7 @@ def test_export_of_a_post_trained_import_keeps_template_and_tokens_and_answers_t
 
 
 def test_mlx_lm_reads_the_exported_folder(exported):
-    mlx_lm = pytest.importorskip("mlx_lm")  # not installed everywhere; nothing here installs it
+    mlx_lm = pytest.importorskip("mlx_lm")  # the dev extra installs it
     import mlx.core as mx
     import numpy as np
 

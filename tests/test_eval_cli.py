@@ -115,7 +115,17 @@ def test_eval_splits_phrased_families_unseen_first_and_logs_every_generation(ckp
     assert results["word_problems_unseen"]["metrics"]["exact_match"] == share
 
 
-@pytest.mark.parametrize("case", ["unwritable", "folder", "not_numbers", "too_many_unseen"])
+def test_eval_in_bf16_one_batch_records_its_dtype_and_scores_every_problem(ckpt, tmp_path, capsys):
+    log = tmp_path / "s.jsonl"
+    assert main(["eval", str(ckpt), "--tasks", "arithmetic", "--limit", "5", "--max-tokens", "6", "--json",
+                 "--dtype", "bfloat16", "--batch-size", "5", "--output", str(tmp_path / "r.json"),
+                 "--log-samples", str(log), "--backend", "torch"]) == 0
+    assert json.loads(capsys.readouterr().out)["arithmetic"]["samples"] == 5
+    assert json.loads((tmp_path / "r.json").read_text())["dtype"] == "bfloat16"
+    assert len(log.read_text().splitlines()) == 5
+
+
+@pytest.mark.parametrize("case", ["unwritable", "folder", "not_numbers", "too_many_unseen", "dtype"])
 def test_eval_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
     from tinylm.data.word_problems import capacity
 
@@ -130,10 +140,12 @@ def test_eval_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps({"question": "Which?", "answer": "so the red one\n#### red"}) + "\n")
         tasks = f"gsm8k:{bad}"
+    elif case == "dtype":
+        extra = ["--dtype", "float16"]
     else:
         tasks, extra = "word_problems", ["--limit", str(capacity(2) + 1)]
     code = main(["eval", str(tmp_path / "no-model"), "--tasks", tasks] + extra)
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert {"unwritable": "cannot be written", "folder": "is a folder", "not_numbers": "is not a number",
-            "too_many_unseen": "held-out parts can make at most"}[case] in err
+            "too_many_unseen": "held-out parts can make at most", "dtype": "choose float32 or bfloat16"}[case] in err

@@ -351,14 +351,14 @@ def generate(lm, tok, texts: list[str], cfg: SamplingConfig, meta: dict | None =
     return generate_ids(lm, tok, [encode_prompt(tok, t, meta) for t in texts], cfg, stops, pad, on_text)
 
 
-def load_model(path: str | os.PathLike, backend_name: str = "auto"):
-    """(Model, tokenizer, checkpoint) for a checkpoint directory, in float32."""
+def load_model(path: str | os.PathLike, backend_name: str = "auto", dtype: str = "float32"):
+    """(Model, tokenizer, checkpoint) for a checkpoint directory, computing in `dtype`."""
     from tinylm.train import checkpoint
     from tinylm.backends import get_backend
 
     ckpt = checkpoint.load(path, with_optimizer=False)
     tok = load_checkpoint_tokenizer(ckpt)
-    return Model(get_backend(backend_name, "float32"), ckpt.shape, ckpt.params), tok, ckpt
+    return Model(get_backend(backend_name, "float32"), ckpt.shape, ckpt.params, dtype), tok, ckpt
 
 
 def load_checkpoint_tokenizer(ckpt):

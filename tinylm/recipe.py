@@ -117,6 +117,9 @@ class EvalConfig:
     """Steps between task evaluations; 0 evaluates only after the last step."""
     limit: int = 50
     """Examples per task (0 for all)."""
+    limits: dict[str, int] = field(default_factory=dict)
+    """Examples for some tasks where they differ from `limit`, keyed by the task's name before any colon
+    (`{ gsm8k = 200 }` for gsm8k:PATH; 0 for all)."""
     committee: list[str] = field(default_factory=list)
     """Earlier stages whose final models join this stage's in a soft committee (their class or next-token
     probabilities averaged), scored on the same tasks after the last step as `committee:<task>`."""
@@ -124,9 +127,27 @@ class EvalConfig:
     """Also score the starting weights before the first step, logged as step 0: the validation loss and bits
     per byte (when `train.eval_every` is on) and the tasks. The base figure that continued pretraining,
     post-training or distillation of an imported model is measured against."""
+    dtype: str = "float32"
+    """What the weights compute in while they are scored: float32, bfloat16, or train (the stage's training
+    dtype, so a run that `train.dtype = "auto"` puts in bf16 also decodes its answers in bf16, as its GRPO
+    rollouts do). Committees are scored in float32."""
+    batch_size: int = 16
+    """Generations decoded together for the generative tasks (a larger batch reads the weights once for more
+    rows; the cache holds batch x (prompt + max_tokens) positions)."""
 
     def __post_init__(self):
         config.at_least(self, 0, "every limit")
+        config.at_least(self, 1, "batch_size")
+        from tinylm.eval.tasks import task_key
+
+        named = {task_key(t) for t in self.tasks}
+        for key, n in self.limits.items():
+            if key not in named:
+                raise config.SettingError(f"limits.{key}", f"names no task in tasks (they are: "
+                                          f"{', '.join(sorted(named)) or 'none'})")
+            if n < 0:
+                raise config.SettingError(f"limits.{key}", f"must be at least 0, got {n}")
+        config.one_of(self, "dtype", ("float32", "bfloat16", "train"))
 
 
 SECTIONS = ("model", "data", "train", "optim", "schedule", "eval", "sft", "distill", "grpo", "dpo", "coevolve",

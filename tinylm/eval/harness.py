@@ -176,14 +176,16 @@ def score_gen(lm, tok, meta: dict, task: Task, samples: int = 1, temperature: fl
     stops = [ids["eos"], ids["end"], ids["bos"]]
     pad = next((i for i in (ids["pad"], ids["eos"], 0) if i is not None))
     scorer = Scorer(lm, tok, meta)
+    # A chat answer ends with its turn: the stop strings of plain completion ("\n\n", "Question:") would cut
+    # an answer in paragraphs after its first one.
     cfg = SamplingConfig(max_tokens=task.max_tokens, temperature=temperature if samples > 1 or temperature else 0.0,
-                         stop_strings=task.stop_strings, seed=seed)
+                         stop_strings=() if chat else task.stop_strings, seed=seed)
     correct = []
     examples: list[GenExample] = task.examples
     per_batch = max(1, batch_size // samples)
     for start in range(0, len(examples), per_batch):
         chunk = examples[start : start + per_batch]
-        prompts = [scorer.encode(chat_prompt([{"role": "user", "content": ex.prompt.strip()}], meta) if chat else ex.prompt)
+        prompts = [scorer.encode(chat_prompt([{"role": "user", "content": ex.user_turn()}], meta) if chat else ex.prompt)
                    for ex in chunk for _ in range(samples)]
         cfg.seed = seed + start
         outs = generate_ids(lm, tok, prompts, cfg, stops, pad)
@@ -232,9 +234,10 @@ def score_classify(lm, tok, meta: dict, task: Task) -> dict:
 
 
 def run_tasks(lm, tok, tasks: list[Task], meta: dict | None = None, samples: int = 1, temperature: float = 0.0,
-              chat: bool = False, seed: int = 0, on_task=None, log: list | None = None) -> dict:
+              chat: bool = False, seed: int = 0, on_task=None, log: list | None = None, batch_size: int = 16) -> dict:
     """{task name: {"kind", "metrics", "stderr", "samples"}} for a Model or a committee of them; `log` collects
-    a row per generation of the generative tasks (see `score_gen`)."""
+    a row per generation of the generative tasks, which decode `batch_size` generations at a time (see
+    `score_gen`)."""
     meta = meta or {}
     scorer = Scorer(lm, tok, meta)
     results = {}
@@ -246,7 +249,7 @@ def run_tasks(lm, tok, tasks: list[Task], meta: dict | None = None, samples: int
         elif task.kind == "classify":
             r = score_classify(lm, tok, meta, task)
         else:
-            r = score_gen(lm, tok, meta, task, samples, temperature, chat, seed, log=log)
+            r = score_gen(lm, tok, meta, task, samples, temperature, chat, seed, batch_size, log)
         results[task.name] = {"kind": task.kind, **r}
         if on_task is not None:
             on_task(task.name, results[task.name])
@@ -275,8 +278,9 @@ def markdown_table(results: dict) -> str:
 
 
 def evaluate(backend, shape, params, tokenizer_path, task_specs, limit: int | None = None,
-             meta: dict | None = None, chat: bool = False) -> dict:
-    """In-training evaluation: {task: {metric: value}} for the weights being trained (numpy or backend arrays).
+             meta: dict | None = None, chat: bool = False, dtype: str = "float32", batch_size: int = 16) -> dict:
+    """In-training evaluation: {task: {metric: value}} for the weights being trained (numpy or backend arrays),
+    computed in `dtype`.
 
     `task_specs` are command-line task names (a list or a comma-separated string) or `Task`s from
     `tinylm.eval.tasks.load_tasks`, which a caller evaluating every N steps can load once and pass again.
@@ -284,9 +288,9 @@ def evaluate(backend, shape, params, tokenizer_path, task_specs, limit: int | No
     from tinylm.data.tokenizer import load_tokenizer
     from tinylm.generate import Model
 
-    lm = Model(backend, shape, params)
+    lm = Model(backend, shape, params, dtype)
     if isinstance(task_specs, (list, tuple)) and task_specs and isinstance(task_specs[0], Task):
         tasks = list(task_specs)
     else:
         tasks = load_tasks(task_specs, limit)
-    return flat_metrics(run_tasks(lm, load_tokenizer(tokenizer_path), tasks, meta, chat=chat))
+    return flat_metrics(run_tasks(lm, load_tokenizer(tokenizer_path), tasks, meta, chat=chat, batch_size=batch_size))

@@ -32,6 +32,12 @@ class MCExample:
 class GenExample:
     prompt: str
     answer: str
+    question: str = ""
+    """The question alone, where `prompt` frames it for plain completion ("Question: ...\nAnswer:")."""
+
+    def user_turn(self) -> str:
+        """What a chat model is asked: the question without the completion framing."""
+        return (self.question or self.prompt).strip()
 
 
 @dataclass
@@ -94,7 +100,7 @@ def read_gsm8k(path: Path) -> list[GenExample]:
         except ValueError:
             raise UserError(f"{path}:{i}: the answer {gold[:40]!r} is not a number (a gsm8k task matches numbers; "
                             f"use qa:PATH for answers in words)") from None
-        out.append(GenExample(f"Question: {question}\nAnswer:", gold))
+        out.append(GenExample(f"Question: {question}\nAnswer:", gold, str(question)))
     return out
 
 
@@ -286,13 +292,20 @@ def load_task(spec: str, limit: int | None = None, split: str = "test") -> Task:
     return Task(name, _KINDS.get(kind, "mc"), examples, stop_strings=stops)
 
 
-def load_tasks(specs: str | list[str], limit: int | None = None) -> list[Task]:
-    """Several tasks; names made unique so the results object has one key per task."""
+def task_key(spec: str) -> str:
+    """A task spec's name before any colon (`gsm8k` for gsm8k:PATH): what per-task limits are keyed by."""
+    return spec.strip().partition(":")[0]
+
+
+def load_tasks(specs: str | list[str], limit: int | None = None, limits: dict[str, int] | None = None) -> list[Task]:
+    """Several tasks; names made unique so the results object has one key per task. `limits` gives some
+    tasks (by `task_key`) another number of examples than `limit` (0: all)."""
     if isinstance(specs, str):
         specs = [s for s in specs.split(",") if s.strip()]
     if not specs:
         raise UserError("no tasks given (e.g. --tasks gsm8k:data/gsm8k_test.jsonl,arithmetic)")
-    tasks = [t for s in specs for t in _expand(s, limit)]
+    limits = limits or {}
+    tasks = [t for s in specs for t in _expand(s, limits.get(task_key(s), limit) or None)]
     seen: dict[str, int] = {}
     for t in tasks:
         seen[t.name] = seen.get(t.name, 0) + 1

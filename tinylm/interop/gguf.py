@@ -12,6 +12,7 @@ not the original ones: the checkpoint records the file's tensor types, and `tiny
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -224,6 +225,28 @@ def _token_table(tok_json: dict, vocab_size: int) -> tuple[list[str], list[int],
     return tokens, types, merges
 
 
+def _pre_tokenizer_name(tok_json: dict, source: dict) -> str:
+    """llama.cpp's name (`tokenizer.ggml.pre`) for the checkpoint's pre-tokenizer: the source file's own where
+    the checkpoint came from a GGUF file, else the one whose splits are the tokenizer's. llama.cpp reads only
+    the name and splits text with its own built-in rules for it."""
+    from tinylm.interop.gguf_tokenizer import _LLAMA3_SPLIT
+
+    if source.get("tokenizer_pre"):
+        return str(source["tokenizer_pre"])
+    pre = tok_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"  # single digits, then GPT-2's splits: SmolLM's tokenizer, and tinylm's own
+    if kinds == ["Split", "ByteLevel"] and (steps[0].get("pattern") or {}).get("Regex") == _LLAMA3_SPLIT:
+        return "llama-bpe"
+    print(f"note: llama.cpp knows no pre-tokenizer with this checkpoint's splits ({json_text(pre)[:80]}); "
+          f"the file names its default, and llama.cpp may split text differently from tinylm", file=sys.stderr)
+    return "default"
+
+
 def json_text(value) -> str:
     import json
 
@@ -251,7 +274,8 @@ def export_gguf(ckpt_path: str | os.PathLike, out_file: str | os.PathLike, dtype
     if shape.qk_norm:
         raise UserError(f"{ckpt.path}: a model with QK-norm has no llama GGUF form; export it --to hf")
     tok = load_checkpoint_tokenizer(ckpt)
-    tokens, types, merges = _token_table(json.loads(tok.to_str()), shape.vocab_size)
+    tok_json = json.loads(tok.to_str())
+    tokens, types, merges = _token_table(tok_json, shape.vocab_size)
     meta, ids = ckpt.meta, special_ids(tok, ckpt.meta)
     original = meta.get("hf_tokenizer_config") or {}
     source = meta.get("imported_from") or {}
@@ -273,7 +297,7 @@ def export_gguf(ckpt_path: str | os.PathLike, out_file: str | os.PathLike, dtype
     w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
                      "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(str(source.get("tokenizer_pre") or "default"))
+    w.add_tokenizer_pre(_pre_tokenizer_name(tok_json, source))
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)

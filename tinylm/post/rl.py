@@ -176,8 +176,8 @@ def load_prompts(cfg: GRPOConfig, tok, meta: dict, chat: bool) -> list[Prompt]:
         if task.kind != "gen":
             raise UserError(f"grpo.tasks: {spec!r} is not a task with answers to verify (a {task.kind} task)")
         for ex in task.examples:
-            text = chat_prompt([{"role": "user", "content": ex.prompt.strip()}], meta) if chat else ex.prompt
-            prompts.append(Prompt(scorer.encode(text), ex.answer, tuple(task.stop_strings)))
+            text = chat_prompt([{"role": "user", "content": ex.user_turn()}], meta) if chat else ex.prompt
+            prompts.append(Prompt(scorer.encode(text), ex.answer, () if chat else tuple(task.stop_strings)))
     return prompts
 
 

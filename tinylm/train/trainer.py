@@ -238,10 +238,12 @@ class Trainer:
         from tinylm.eval.harness import evaluate
         from tinylm.eval.tasks import load_tasks
 
+        ev = self.recipe.eval
         if self._tasks is None:
-            self._tasks = load_tasks(self.recipe.eval.tasks, self.recipe.eval.limit or None)
+            self._tasks = load_tasks(ev.tasks, ev.limit or None, ev.limits)
         results = evaluate(self.backend, self.shape, self.full_params(), self.data.tokenizer_path, self._tasks,
-                           meta=self.extra_meta, chat=bool(self.extra_meta.get("chat")))
+                           meta=self.extra_meta, chat=bool(self.extra_meta.get("chat")),
+                           dtype=self.dtype if ev.dtype == "train" else ev.dtype, batch_size=ev.batch_size)
         if final and self.committee:
             from tinylm.eval.committee import evaluate_committee
 

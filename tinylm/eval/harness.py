@@ -16,7 +16,7 @@ import numpy as np
 
 from tinylm.errors import UserError
 from tinylm.eval.tasks import GenExample, MCExample, Task, load_tasks
-from tinylm.generate import SamplingConfig, adds_bos, chat_prompt, generate_ids, special_ids
+from tinylm.generate import SamplingConfig, adds_bos, generate_ids, special_ids
 
 
 class Scorer:
@@ -176,17 +176,14 @@ def score_gen(lm, tok, meta: dict, task: Task, samples: int = 1, temperature: fl
     stops = [ids["eos"], ids["end"], ids["bos"]]
     pad = next((i for i in (ids["pad"], ids["eos"], 0) if i is not None))
     scorer = Scorer(lm, tok, meta)
-    # A chat answer ends with its turn: the stop strings of plain completion ("\n\n", "Question:") would cut
-    # an answer in paragraphs after its first one.
     cfg = SamplingConfig(max_tokens=task.max_tokens, temperature=temperature if samples > 1 or temperature else 0.0,
-                         stop_strings=() if chat else task.stop_strings, seed=seed)
+                         stop_strings=task.stops(chat), seed=seed)
     correct = []
     examples: list[GenExample] = task.examples
     per_batch = max(1, batch_size // samples)
     for start in range(0, len(examples), per_batch):
         chunk = examples[start : start + per_batch]
-        prompts = [scorer.encode(chat_prompt([{"role": "user", "content": ex.user_turn()}], meta) if chat else ex.prompt)
-                   for ex in chunk for _ in range(samples)]
+        prompts = [scorer.encode(ex.text(meta, chat)) for ex in chunk for _ in range(samples)]
         cfg.seed = seed + start
         outs = generate_ids(lm, tok, prompts, cfg, stops, pad)
         for j, ex in enumerate(chunk):

@@ -35,9 +35,14 @@ class GenExample:
     question: str = ""
     """The question alone, where `prompt` frames it for plain completion ("Question: ...\nAnswer:")."""
 
-    def user_turn(self) -> str:
-        """What a chat model is asked: the question without the completion framing."""
-        return (self.question or self.prompt).strip()
+    def text(self, meta: dict | None, chat: bool) -> str:
+        """The prompt as the model is fed it: in chat, the question alone as a user turn of the model's
+        template, without the completion framing; otherwise `prompt`."""
+        if not chat:
+            return self.prompt
+        from tinylm.generate import chat_prompt
+
+        return chat_prompt([{"role": "user", "content": (self.question or self.prompt).strip()}], meta)
 
 
 @dataclass
@@ -49,6 +54,11 @@ class Task:
     """`MCExample`s, `GenExample`s, documents, or (text, label) pairs."""
     stop_strings: tuple[str, ...] = ()
     max_tokens: int = 256
+
+    def stops(self, chat: bool) -> tuple[str, ...]:
+        """Where a generation stops: a chat answer ends with its turn (the end-of-turn token), since the
+        completion stops ("\n\n", "Question:") would cut an answer in paragraphs after its first one."""
+        return () if chat else tuple(self.stop_strings)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

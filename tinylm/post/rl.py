@@ -165,7 +165,6 @@ def load_prompts(cfg: GRPOConfig, tok, meta: dict, chat: bool) -> list[Prompt]:
     """The training prompts, encoded exactly as `tinylm eval` encodes them (the chat template for chat models)."""
     from tinylm.eval.harness import Scorer
     from tinylm.eval.tasks import load_task
-    from tinylm.generate import chat_prompt
 
     if not cfg.tasks:
         raise UserError("grpo.tasks is empty: name the tasks whose prompts RL trains on")
@@ -176,8 +175,7 @@ def load_prompts(cfg: GRPOConfig, tok, meta: dict, chat: bool) -> list[Prompt]:
         if task.kind != "gen":
             raise UserError(f"grpo.tasks: {spec!r} is not a task with answers to verify (a {task.kind} task)")
         for ex in task.examples:
-            text = chat_prompt([{"role": "user", "content": ex.user_turn()}], meta) if chat else ex.prompt
-            prompts.append(Prompt(scorer.encode(text), ex.answer, () if chat else tuple(task.stop_strings)))
+            prompts.append(Prompt(scorer.encode(ex.text(meta, chat)), ex.answer, task.stops(chat)))
     return prompts
 
 

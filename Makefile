@@ -56,7 +56,7 @@ pipeline-diagram:
 real-model: $(STAMP)
 	bash scripts/real_model.sh "$(PYTHON)"
 
-# llama.cpp's Python bindings, compiled from source (about 8 minutes on 2 cores; needs a C++ compiler and
+# llama.cpp's Python bindings, compiled from source (about 8 minutes on a 2-core AMD EPYC; needs a C++ compiler and
 # cmake): the tests that read tinylm's GGUF export with llama.cpp skip without them.
 llama-cpp: $(STAMP)
 	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \

@@ -62,9 +62,11 @@ def test_the_cache_key_names_the_processor_its_flags_the_backend_the_model_and_t
                 mfu.machine_key(Other(), key, AMD)}) == 4
 
 
-def _inject(monkeypatch, seconds: dict) -> list:
-    """Replaces the timed steps by `seconds` per side ({"float32": s, ...}); returns the sides timed per call."""
+def _inject(monkeypatch, seconds: dict, rates: dict | None = None) -> list:
+    """Replaces the timed steps by `seconds` per side ({"float32": s, ...}) and the bf16 screen's matmul rates
+    by `rates` (bf16 as fast as fp32 unless given); returns the sides timed per call."""
     calls = []
+    monkeypatch.setattr(autotune, "matmul_rates", lambda backend: rates or {"float32": 1e11, "bfloat16": 1e11})
 
     def timed(backend, modules, weights, rows, lr):
         calls.append(sorted(modules))
@@ -111,6 +113,30 @@ def test_settle_compiles_a_long_run_only_where_the_compiled_trial_won(monkeypatc
     monkeypatch.setenv("TINYLM_CACHE_DIR", str(tmp_path / "other"))
     calls = _inject(monkeypatch, {"eager": 0.02, "compiled": 0.03, "compiled first": 5.0})
     assert _settle(cfg, shape)["compile"] is False
+
+
+def test_a_cpu_whose_bf16_matmuls_are_slower_gets_fp32_without_a_bf16_step(monkeypatch, tmp_path):
+    monkeypatch.setenv("TINYLM_CACHE_DIR", str(tmp_path))
+    r = Recipe()
+    shape = model.resolve(dataclasses.replace(r.model, preset="micro"), vocab_size=512)
+    cfg = dataclasses.replace(r.train, dtype="auto", steps=100, batch_size=2, seq_len=16)
+    calls = _inject(monkeypatch, {"float32": 0.02, "bfloat16": 0.01, "eager": 0.02},
+                    {"float32": 1.2e11, "bfloat16": 1.5e10})
+    got = _settle(cfg, shape)
+    assert got["dtype"] == "float32" and ["bfloat16", "float32"] not in calls
+    assert "15.0 GFLOP/s in bf16 against 120.0 in fp32" in got["dtype_why"]
+    assert got["seconds"]["matmul_flops"] == {"float32": 1.2e11, "bfloat16": 1.5e10}
+    assert "cached" in _settle(cfg, shape)["dtype_why"]
+    # Where bf16 matmuls keep up, the steps decide.
+    monkeypatch.setenv("TINYLM_CACHE_DIR", str(tmp_path / "other"))
+    calls = _inject(monkeypatch, {"float32": 0.02, "bfloat16": 0.01}, {"float32": 1.2e11, "bfloat16": 2.4e11})
+    assert _settle(cfg, shape)["dtype"] == "bfloat16" and ["bfloat16", "float32"] in calls
+
+
+def test_the_screen_measures_both_dtypes_through_the_backend():
+    rates = autotune.matmul_rates(get_backend("torch"))
+    assert set(rates) == {"float32", "bfloat16"} and all(v > 0 for v in rates.values())
+    assert (autotune.screen_dtype(rates) is None) == (rates["bfloat16"] >= rates["float32"])
 
 
 def test_a_run_records_what_it_chose_and_why_and_a_resumed_run_keeps_it(monkeypatch, tmp_path, prepared, capsys):

@@ -4,7 +4,10 @@ A trial builds the stage's own training step (its model shape, optimizer, micro-
 activation checkpointing) on a throwaway copy of its starting weights and random tokens, and times whole
 steps, forward, backward and update: fp32 and bf16 in turn, then eager and compiled in the dtype that won.
 Each side's best step counts (the least disturbed by whatever else the machine runs), and the side that is not
-the exact default (bf16, compiled) must win clearly, so a choice is never slower than fp32 or eager. The
+the exact default (bf16, compiled) must win clearly, so a choice is never slower than fp32 or eager. Before
+any step is timed, one small matmul in each dtype screens out a CPU without bf16 arithmetic (AVX2 alone):
+PyTorch emulates bf16 there, hundreds of times slower than fp32, so that timing one bf16 step of a 135M
+model would take an hour, and fp32 is chosen without it. The
 timings are cached per machine (processor model, instruction sets, threads), backend, shape and micro-batch
 (`tinylm.mfu.cached_measurement`), so a trial runs once; the choice is taken again from them for each run.
 """
@@ -21,7 +24,7 @@ import numpy as np
 
 from tinylm import model
 from tinylm.backends import resolve_dtype
-from tinylm.mfu import cached_measurement
+from tinylm.mfu import cached_measurement, measured_matmul_peak
 from tinylm.train import objectives
 from tinylm.train.step import TrainModule
 
@@ -30,6 +33,9 @@ MIN_GAIN = 1.05
 smaller lead is within what two timings of the same step differ by on a busy machine."""
 TIMED_STEPS = 3
 """Timed steps of each side, after one untimed step that pays for first use (and compilation)."""
+SCREEN_SIZE = 512
+"""The square matmul that screens bf16 (`matmul_rates`): milliseconds in fp32, about a second where bf16 is
+emulated, and as fast as the training step's own matmuls where the CPU has bf16 instructions."""
 COMPILE_FLOOR_S = 10.0
 """A run whose eager steps take less than this in all is not worth a compiled trial: compiling even the
 smallest preset's training step takes longer (`micro`: about two minutes on 2 busy AMD EPYC cores)."""
@@ -64,6 +70,21 @@ def choose_compile(seconds: dict, steps: int) -> tuple[bool, str]:
     choice = gain >= MIN_GAIN and saved > compiling
     return choice, (f"a training step took {_ms(compiled)} compiled against {_ms(eager)} eager ({gain:.2f}x, "
                     f"{MIN_GAIN}x needed); compiling took {compiling:.1f} s, {steps} steps save {saved:.1f} s")
+
+
+def matmul_rates(backend) -> dict:
+    """FLOP/s of a `SCREEN_SIZE` square matmul through the backend's linear op, {"float32", "bfloat16"}."""
+    return {d: measured_matmul_peak(backend, d, sizes=(SCREEN_SIZE,), repeats=2) for d in ("float32", "bfloat16")}
+
+
+def screen_dtype(rates: dict) -> tuple[str, str] | None:
+    """("float32", why) where bf16 matmuls are slower than fp32 ones, so no bf16 step can win; None where the
+    training steps must be timed."""
+    fp32, bf16 = rates["float32"], rates["bfloat16"]
+    if bf16 >= fp32:
+        return None
+    return "float32", (f"a {SCREEN_SIZE}-square matmul ran at {bf16 / 1e9:,.1f} GFLOP/s in bf16 against "
+                       f"{fp32 / 1e9:,.1f} in fp32 (no bf16 arithmetic on this CPU): no bf16 step timed")
 
 
 def _timed(backend, modules: dict, weights: dict, rows: np.ndarray, lr: float) -> dict:
@@ -144,10 +165,17 @@ def settle(backend, cfg, shape: model.ModelShape, optim_cfg, weights, say=None) 
     if dtype is None and backend.world_size > 1:
         dtype, dtype_why = "float32", "several ranks: each would time its own steps, and they could disagree"
     elif dtype is None:
-        found, cached = trial.dtypes(announce)
-        seconds["dtypes"] = found
-        dtype, dtype_why = choose_dtype(found)
-        dtype_why += note(cached)
+        rates, cached = cached_measurement(backend, f"matmul screen {SCREEN_SIZE}", lambda: matmul_rates(backend))
+        screened = screen_dtype(rates)
+        if screened:
+            seconds["matmul_flops"] = rates
+            dtype, dtype_why = screened
+            dtype_why += note(cached)
+        else:
+            found, cached = trial.dtypes(announce)
+            seconds["dtypes"] = found
+            dtype, dtype_why = choose_dtype(found)
+            dtype_why += note(cached)
     steps = cfg.steps * cfg.grad_accum
     if cfg.compile is not None:
         compile, compile_why = cfg.compile, "asked for"

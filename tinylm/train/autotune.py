@@ -6,8 +6,8 @@ steps, forward, backward and update: fp32 and bf16 in turn, then eager and compi
 Each side's best step counts (the least disturbed by whatever else the machine runs), and the side that is not
 the exact default (bf16, compiled) must win clearly, so a choice is never slower than fp32 or eager. Before
 any step is timed, one small matmul in each dtype screens out a CPU without bf16 arithmetic (AVX2 alone):
-PyTorch emulates bf16 there, hundreds of times slower than fp32, so that timing one bf16 step of a 135M
-model would take an hour, and fp32 is chosen without it. The
+PyTorch emulates bf16 there (its linear layers ran 7x slower than fp32 on an AMD EPYC with AVX2 alone, and
+three timed bf16 steps of a 135M model had not finished after 16 minutes), so fp32 is chosen without them. The
 timings are cached per machine (processor model, instruction sets, threads), backend, shape and micro-batch
 (`tinylm.mfu.cached_measurement`), so a trial runs once; the choice is taken again from them for each run.
 """
@@ -34,8 +34,8 @@ smaller lead is within what two timings of the same step differ by on a busy mac
 TIMED_STEPS = 3
 """Timed steps of each side, after one untimed step that pays for first use (and compilation)."""
 SCREEN_SIZE = 512
-"""The square matmul that screens bf16 (`matmul_rates`): milliseconds in fp32, about a second where bf16 is
-emulated, and as fast as the training step's own matmuls where the CPU has bf16 instructions."""
+"""The square matmul that screens bf16 (`matmul_rates`): a few milliseconds in fp32 and tens of milliseconds
+where bf16 is emulated (3 and 19 ms on an AMD EPYC with AVX2 alone)."""
 COMPILE_FLOOR_S = 10.0
 """A run whose eager steps take less than this in all is not worth a compiled trial: compiling even the
 smallest preset's training step takes longer (`micro`: about two minutes on 2 busy AMD EPYC cores)."""
@@ -166,16 +166,15 @@ def settle(backend, cfg, shape: model.ModelShape, optim_cfg, weights, say=None) 
         dtype, dtype_why = "float32", "several ranks: each would time its own steps, and they could disagree"
     elif dtype is None:
         rates, cached = cached_measurement(backend, f"matmul screen {SCREEN_SIZE}", lambda: matmul_rates(backend))
-        screened = screen_dtype(rates)
-        if screened:
+        choice = screen_dtype(rates)
+        if choice:
             seconds["matmul_flops"] = rates
-            dtype, dtype_why = screened
-            dtype_why += note(cached)
         else:
             found, cached = trial.dtypes(announce)
             seconds["dtypes"] = found
-            dtype, dtype_why = choose_dtype(found)
-            dtype_why += note(cached)
+            choice = choose_dtype(found)
+        dtype, dtype_why = choice
+        dtype_why += note(cached)
     steps = cfg.steps * cfg.grad_accum
     if cfg.compile is not None:
         compile, compile_why = cfg.compile, "asked for"
